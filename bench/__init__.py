@@ -1,0 +1,1 @@
+"""Benchmarks: measurement only. Imports wanda_kernels and pruning, never the reverse."""

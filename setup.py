@@ -1,0 +1,29 @@
+"""Packaging for the Triton-accelerated Wanda pruning engine."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="wanda-kernels",
+    version="0.1.0",
+    description="Triton-accelerated LLM pruning (Wanda, SparseGPT, magnitude) with 2:4 sparse inference",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["wanda_kernels", "wanda_kernels.*", "pruning", "pruning.*"]),
+    package_data={"pruning": ["assets/*"]},
+    install_requires=[
+        # Not pinned: GPU users keep the CUDA build of torch they already have.
+        "torch>=2.3",
+        "triton",
+        "transformers>=4.45",
+        "accelerate",
+        "datasets",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "ruff"],
+        "eval": ["lm-eval>=0.4"],
+    },
+    entry_points={"console_scripts": ["wanda-prune = pruning.cli:main"]},
+)

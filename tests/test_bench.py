@@ -1,0 +1,54 @@
+"""The benchmark harness in its CPU smoke mode: it runs, records what it promises, and checks masks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.__main__ import main
+from bench.kernels import locuslab_prune_, vectorized_prune_
+from bench.report import format_table
+from wanda_kernels import reference as ref
+
+REQUIRED = {
+    "suite", "op", "provider", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "gbps",
+    "speedup_vs_reference", "correct", "device", "torch", "triton", "git_sha", "mode",
+}  # fmt: skip
+
+
+def test_smoke_run_writes_complete_records(tmp_path, capsys):
+    out = tmp_path / "smoke.jsonl"
+    assert main(["kernels", "--smoke", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records, "no records written"
+    for r in records:
+        assert REQUIRED <= r.keys(), REQUIRED - r.keys()
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["correct"] in (True, None)
+    providers = {(r["op"], r["provider"]) for r in records}
+    expected = {("wanda_prune_2:4", "ours"), ("wanda_prune_2:4", "locuslab"), ("wanda_prune_unstructured", "ours")}
+    assert expected <= providers
+    assert "wanda_prune_2:4" in capsys.readouterr().out  # the table is printed
+
+
+def test_unknown_suite_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["nonsense"])
+    assert "unknown suite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sparsity,n,m", [(0.5, 0, 0), (0.5, 2, 4)])
+def test_reference_providers_agree_with_the_spec(sparsity, n, m):
+    import torch
+
+    w = torch.randn(8, 32)
+    a = torch.rand(32)
+    expected = ref.wanda_prune_torch(w.clone(), a, sparsity, n, m)
+    assert torch.equal(locuslab_prune_(w.clone(), a, sparsity, n, m), expected)
+    assert torch.equal(vectorized_prune_(w.clone(), a, sparsity, n, m), expected)
+
+
+def test_table_formats_missing_values():
+    table = format_table([{"op": "x", "shape": [2, 3], "median_ms": 1.0}])
+    assert "2x3" in table and "| -" in table

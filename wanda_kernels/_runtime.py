@@ -1,0 +1,38 @@
+"""Where kernels run: GPU, or the CPU under the Triton interpreter (``TRITON_INTERPRET=1``)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_kernel_device(*tensors: torch.Tensor) -> None:
+    """Raise a ValueError when a Triton kernel cannot run on these tensors' device."""
+    device = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != device:
+            raise ValueError(f"all tensors must be on one device, got {device} and {t.device}")
+    if device.type == "cpu" and not interpreting():
+        raise ValueError(
+            "Triton kernels need CUDA tensors; on the CPU set TRITON_INTERPRET=1 before importing triton, "
+            "or use the plain-torch references (wanda_kernels.reference, backend='torch')"
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """Enough programs to fill the GPU a few times over; few under the interpreter (~3 ms each)."""
+    if device.type != "cuda":
+        return 1
+    return 4 * num_sms(device.index if device.index is not None else torch.cuda.current_device())
