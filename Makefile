@@ -16,7 +16,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m pruning
+	$(PY) -m pruning demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,0 +1,65 @@
+"""``wanda-prune check MODEL``: what to run before a long job.
+
+Loads the model and tokenizer, shows the architecture, the decoder-layer path and the Linear shapes,
+generates a few tokens, and validates the weights (dtype, no NaN/inf, how many exact zeros already).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+
+def run_check(argv: list[str]) -> int:
+    from pruning.adapters import get_adapter
+    from pruning.loading import load_config, load_model, load_tokenizer
+
+    parser = argparse.ArgumentParser(prog="wanda-prune check", description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--cache_dir", default="llm_weights")
+    parser.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto")
+    parser.add_argument("--prompt", default="The capital of France is")
+    parser.add_argument("--max_new_tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+
+    config = load_config(args.model, args.cache_dir)
+    adapter = get_adapter(config.model_type)
+    print(f"model        {args.model}")
+    print(f"architecture {config.model_type} ({adapter.family} adapter), layers at model.{adapter.layers_path}")
+    tokenizer = load_tokenizer(args.model, args.cache_dir)
+    model = load_model(args.model, args.cache_dir, args.dtype, offload=True)
+    layers = adapter.layers(model)
+    print(f"layers       {len(layers)} decoder layers; Linear shapes [out x in] of layer 0:")
+    for name, module in layers[0].named_modules():
+        if isinstance(module, nn.Linear):
+            print(f"  {name:20s} {module.out_features} x {module.in_features}")
+    groups = adapter.groups_for(layers[0])
+    print(f"groups       {' | '.join('/'.join(n.split('.')[-1] for n in g) for g in groups)} (shared inputs)")
+
+    problems = []
+    n_params = zeros = 0
+    dtypes = set()
+    for name, p in model.named_parameters():
+        dtypes.add(str(p.dtype).removeprefix("torch."))
+        n_params += p.numel()
+        zeros += int((p == 0).sum())
+        if not torch.isfinite(p).all():
+            problems.append(f"{name} has NaN/inf values")
+    print(
+        f"weights      {n_params / 1e6:.1f}M parameters, dtype {', '.join(sorted(dtypes))}, "
+        f"{zeros / max(n_params, 1):.2%} exact zeros"
+    )
+
+    device = next(model.parameters()).device
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(f"generation   {tokenizer.decode(out[0], skip_special_tokens=True)!r}")
+    if problems:
+        for problem in problems:
+            print(f"PROBLEM      {problem}")
+        return 1
+    print("ok           ready to prune")
+    return 0

@@ -1,0 +1,284 @@
+"""Calibration and evaluation token ids, following Wanda / SparseGPT data loading.
+
+Sources: "c4" and "wikitext2" (Hugging Face Hub datasets, as the papers use them) or a local path: a text file,
+a .json/.jsonl file, or a directory of .txt/.json/.jsonl files. Calibration samples are `nsamples` random windows
+of `seqlen` tokens drawn with `random.Random(seed)`, the same draws as Wanda's `random.seed(seed); random.randint`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+HUB_SOURCES = ("c4", "wikitext2")
+LOCAL_SUFFIXES = (".txt", ".json", ".jsonl")
+
+C4_REPO = "allenai/c4"
+C4_TRAIN_FILE = "en/c4-train.00000-of-01024.json.gz"
+C4_VALIDATION_FILE = "en/c4-validation.00000-of-00008.json.gz"
+C4_EVAL_DOCS = 1100  # Wanda: ' '.join(valdata[:1100]['text'])[:256 * seqlen tokens]
+C4_EVAL_WINDOWS = 256
+WIKITEXT_REPO = "Salesforce/wikitext"  # the hub's canonical home of "wikitext"
+WIKITEXT_CONFIG = "wikitext-2-raw-v1"
+# Wanda/SparseGPT join the *train* split with " " for calibration and the *test* split with "\n\n" for perplexity.
+WIKITEXT_TRAIN_JOIN = " "
+WIKITEXT_TEST_JOIN = "\n\n"
+LOCAL_DOC_JOIN = "\n\n"
+
+_HUB_PROBE_TIMEOUT_S = 3.0
+
+
+class DataError(ValueError):
+    """A data source cannot provide what was asked; the message says what to do instead."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tokenization
+
+
+def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
+    """Tokenize `text` once (with the tokenizer's special tokens, e.g. a leading BOS) into a LongTensor [1, N]."""
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids
+    return ids.to(torch.long)
+
+
+def _random_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, what: str) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` tokens from ids [1, N], starts drawn like Wanda's randint(0, N - seqlen - 1)."""
+    n_tokens = ids.shape[1]
+    if n_tokens <= seqlen:
+        raise DataError(
+            f"{what} has only {n_tokens} tokens; calibration needs more than seqlen={seqlen}: "
+            "use a longer text or a smaller seqlen"
+        )
+    rng = random.Random(seed)
+    starts = [rng.randint(0, n_tokens - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[0, s : s + seqlen] for s in starts])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# local files
+
+
+def _texts_from_json(path: Path) -> list[str]:
+    """Documents from a .json (list of strings / of {"text": ...}, or {"text": [...]}) or .jsonl file."""
+
+    def doc_text(item: Any, where: str) -> str:
+        if isinstance(item, str):
+            return item
+        if isinstance(item, dict) and isinstance(item.get("text"), str):
+            return item["text"]
+        raise DataError(f'{where}: expected a string or an object with a "text" string field')
+
+    if path.suffix == ".jsonl":
+        texts = []
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    texts.append(doc_text(json.loads(line), f"{path}:{line_no}"))
+        return texts
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if isinstance(data, dict) and isinstance(data.get("text"), list):
+        data = data["text"]
+    if not isinstance(data, list):
+        raise DataError(f'{path}: expected a JSON list of documents or {{"text": [...]}}')
+    return [doc_text(item, f"{path}[{i}]") for i, item in enumerate(data)]
+
+
+def _read_file(path: Path) -> list[str]:
+    if path.suffix in (".json", ".jsonl"):
+        return _texts_from_json(path)
+    return [path.read_text(encoding="utf-8")]
+
+
+def read_local_text(path: str | Path) -> str:
+    """All text under a local file or directory (.txt/.json/.jsonl files, sorted by path), joined with blank lines."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: no {'/'.join(LOCAL_SUFFIXES)} files in this directory")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DataError(f"{path}: no such file or directory")
+    docs: list[str] = []
+    for f in files:
+        try:
+            docs.extend(_read_file(f))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{f}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{f}: invalid JSON ({exc.msg}, line {exc.lineno})") from exc
+    text = LOCAL_DOC_JOIN.join(docs)
+    if not text.strip():
+        raise DataError(f"{path}: no text found")
+    return text
+
+
+def _is_local(source: str | Path) -> bool:
+    return isinstance(source, Path) or source not in HUB_SOURCES
+
+
+def _check_local(source: str | Path) -> Path:
+    path = Path(source)
+    if not path.exists() and (isinstance(source, Path) or "/" in source or os.sep in source or path.suffix):
+        raise DataError(f"{source}: no such file or directory")
+    if not path.exists():
+        raise DataError(
+            f"unknown data source {str(source)!r}: use {' or '.join(map(repr, HUB_SOURCES))}, "
+            "or a path to a text/.json/.jsonl file or a directory of them"
+        )
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# hub datasets
+
+
+def _hub_offline() -> bool:
+    """Whether the datasets library is in offline (cache-only) mode."""
+    import datasets
+
+    return bool(getattr(datasets.config, "HF_HUB_OFFLINE", False))
+
+
+def _hub_reachable(timeout_s: float = _HUB_PROBE_TIMEOUT_S) -> bool:
+    """Quick TCP probe of the Hub endpoint, so an offline machine fails in seconds instead of retrying for long."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return True  # behind a proxy a direct probe proves nothing; let the datasets library try
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme != "http" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _offline_hint(source: str) -> str:
+    return (
+        f"pass a local text file or directory instead of {source!r} (e.g. a .txt file), "
+        "or run once with network access / set HF_DATASETS_OFFLINE=1 to use a cached copy"
+    )
+
+
+def _load_hub_split(source: str, split: str, cache_dir: str | Path | None) -> Any:
+    """Load one split of a hub dataset the way Wanda does; any failure becomes a DataError with a hint."""
+    if not _hub_offline() and not _hub_reachable():
+        raise DataError(
+            f"cannot reach the Hugging Face Hub to download {source!r} {split} data; " + _offline_hint(source)
+        )
+    from datasets import load_dataset
+
+    cache = str(cache_dir) if cache_dir is not None else None
+    try:
+        if source == "c4":
+            data_file = C4_TRAIN_FILE if split == "train" else C4_VALIDATION_FILE
+            return load_dataset(C4_REPO, data_files={split: data_file}, split=split, cache_dir=cache)
+        return load_dataset(WIKITEXT_REPO, WIKITEXT_CONFIG, split=split, cache_dir=cache)
+    except Exception as exc:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise DataError(
+            f"could not load {source!r} {split} split ({type(exc).__name__}: {first_line}); " + _offline_hint(source)
+        ) from exc
+
+
+def _c4_calibration(docs: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Wanda's C4 sampling: random documents longer than seqlen tokens, one random window from each."""
+    rng = random.Random(seed)
+    n_docs = len(docs)
+    samples = []
+    max_tries = 1000 * max(nsamples, 1)
+    tries = 0
+    for _ in range(nsamples):
+        while True:
+            tries += 1
+            if tries > max_tries:
+                raise DataError(f"c4: found no document longer than seqlen={seqlen} tokens in {tries - 1} draws")
+            doc_ids = tokenize(tokenizer, docs[rng.randint(0, n_docs - 1)]["text"])
+            if doc_ids.shape[1] > seqlen:
+                break
+        start = rng.randint(0, doc_ids.shape[1] - seqlen - 1)
+        samples.append(doc_ids[0, start : start + seqlen])
+    return torch.stack(samples)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# public API
+
+
+def get_calibration_ids(
+    source: str | Path,
+    tokenizer: Any,
+    nsamples: int,
+    seqlen: int,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+) -> torch.Tensor:
+    """Calibration batch [nsamples, seqlen] (LongTensor) of random token windows from `source`.
+
+    "c4": Wanda's sampling from the first C4 train shard. "wikitext2": windows of the train split joined with " ".
+    A local path: its text tokenized once, windows drawn from it. Deterministic for a given seed.
+    """
+    if nsamples < 1 or seqlen < 1:
+        raise DataError(f"nsamples and seqlen must be positive, got nsamples={nsamples}, seqlen={seqlen}")
+    if _is_local(source):
+        path = _check_local(source)
+        ids = tokenize(tokenizer, read_local_text(path))
+        out = _random_windows(ids, nsamples, seqlen, seed, what=str(path))
+    elif source == "c4":
+        out = _c4_calibration(_load_hub_split("c4", "train", cache_dir), tokenizer, nsamples, seqlen, seed)
+    else:
+        train = _load_hub_split("wikitext2", "train", cache_dir)
+        ids = tokenize(tokenizer, WIKITEXT_TRAIN_JOIN.join(train["text"]))
+        out = _random_windows(ids, nsamples, seqlen, seed, what="wikitext2 train")
+    logger.info("calibration data: %d x %d tokens from %s (seed %d)", nsamples, seqlen, source, seed)
+    return out
+
+
+def get_eval_ids(
+    source: str | Path,
+    tokenizer: Any,
+    cache_dir: str | Path | None = None,
+    seqlen: int | None = None,
+) -> torch.Tensor:
+    """Evaluation token ids [1, N] (LongTensor), tokenized once.
+
+    "wikitext2": "\\n\\n".join(test split) (the published protocol). "c4": Wanda's validation slice, the first 1100
+    documents of the first validation shard joined with " ", truncated to 256 * seqlen tokens (needs `seqlen`).
+    A local path: its whole text.
+    """
+    if _is_local(source):
+        path = _check_local(source)
+        ids = tokenize(tokenizer, read_local_text(path))
+    elif source == "wikitext2":
+        test = _load_hub_split("wikitext2", "test", cache_dir)
+        ids = tokenize(tokenizer, WIKITEXT_TEST_JOIN.join(test["text"]))
+    else:
+        if seqlen is None:
+            raise DataError("c4 evaluation keeps the first 256 * seqlen tokens: pass seqlen")
+        val = _load_hub_split("c4", "validation", cache_dir)
+        ids = tokenize(tokenizer, " ".join(_first_texts(val, C4_EVAL_DOCS)))[:, : C4_EVAL_WINDOWS * seqlen]
+    logger.info("evaluation data: %d tokens from %s", ids.shape[1], source)
+    return ids
+
+
+def _first_texts(dataset: Any, n: int) -> Iterable[str]:
+    """The "text" field of the first n rows (works for a datasets.Dataset or a list of dicts)."""
+    if hasattr(dataset, "select"):
+        return dataset.select(range(min(n, len(dataset))))["text"]
+    return [row["text"] for row in dataset[:n]]

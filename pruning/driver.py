@@ -1,0 +1,236 @@
+"""The layer-sequential pruner (Wanda's semantics, shared by every method).
+
+1. Capture the inputs of decoder layer 0 for all calibration samples (batched).
+2. For each layer: run it densely with hooks that collect statistics for every Linear group (inputs
+   shared by q/k/v, or LLaMA's gate/up, are accumulated once); prune every Linear from those statistics;
+   recompute the layer's outputs with the pruned weights and feed them to the next layer.
+   ``true_sequential``: one statistics pass per group, after the earlier groups are pruned.
+Magnitude needs no calibration and skips the forward passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pruning.adapters import DecoderAdapter, get_adapter
+from pruning.config import PruneConfig
+from pruning.layerwise import (
+    LayerInputs,
+    activation_store,
+    capture_layer_inputs,
+    compute_device_for,
+    module_device,
+    on_device,
+    run_layer,
+)
+from pruning.methods import accumulate_hessian_, kernel_ops, prune_magnitude_, prune_sparsegpt_, prune_wanda_
+from pruning.sparsity import check_sparsity, layer_sparsity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerReport:
+    index: int
+    seconds: float
+    sparsity: float
+
+
+@dataclass
+class PruneReport:
+    method: str
+    sparsity_type: str
+    sparsity_ratio: float
+    backend: str
+    nsamples: int
+    seqlen: int
+    calib_batch_size: int
+    streamed_layers: bool  # model in CPU RAM, one layer at a time on the GPU
+    actual_sparsity: float = 0.0
+    seconds: float = 0.0
+    peak_gpu_memory_bytes: int | None = None
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' -> Triton on CUDA, the torch reference on CPU (Triton only runs there under its interpreter)."""
+    from wanda_kernels._runtime import interpreting
+
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and not interpreting():
+        raise ValueError("--backend triton needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU); use --backend torch")
+    return backend
+
+
+def validate_calibration_ids(calibration_ids: torch.Tensor | None, model: nn.Module) -> tuple[int, int]:
+    if not isinstance(calibration_ids, torch.Tensor) or calibration_ids.ndim != 2:
+        raise ValueError("calibration_ids must be a LongTensor [nsamples, seqlen]")
+    if calibration_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"calibration_ids must hold token ids (int64), got {calibration_ids.dtype}")
+    nsamples, seqlen = calibration_ids.shape
+    if nsamples <= 0 or seqlen <= 0:
+        raise ValueError(f"calibration_ids is empty: shape {tuple(calibration_ids.shape)}")
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and seqlen > max_positions:
+        raise ValueError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {max_positions}")
+    return nsamples, seqlen
+
+
+def auto_batch_size(model: nn.Module, adapter: DecoderAdapter, nsamples: int, seqlen: int, device: torch.device) -> int:
+    """Calibration samples per layer forward, from a budget of a quarter of the free GPU memory."""
+    if device.type != "cuda":
+        return min(nsamples, 8)
+    layer = adapter.layers(model)[0]
+    widths = [m.out_features for m in layer.modules() if isinstance(m, nn.Linear)]
+    hidden = model.config.hidden_size
+    elem = next(model.parameters()).element_size()
+    heads = getattr(model.config, "num_attention_heads", 1)
+    # Live activations of one sample through a layer: residual + q/k/v/attn + MLP intermediates, plus
+    # a [heads, T, T] score matrix in case attention falls back to the math path.
+    per_sample = seqlen * (8 * hidden + 3 * max(widths)) * elem + heads * seqlen * seqlen * elem
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(nsamples, 64, (free // 4) // per_sample)))
+
+
+class _GroupStatistics:
+    """Calibration statistics of one Linear group, fed by a forward hook on the group's first module."""
+
+    def __init__(self, method: str, n_features: int, device: torch.device, backend: str):
+        self.method = method
+        self.ops = kernel_ops(backend)
+        if method == "wanda":
+            self.act_sq_norms = torch.zeros(n_features, dtype=torch.float32, device=device)
+        else:
+            self.hessian = torch.zeros(n_features, n_features, dtype=torch.float32, device=device)
+            self.n_seen = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        if self.method == "wanda":
+            self.ops.accumulate_sq_norms_(self.act_sq_norms, x)
+        else:
+            self.n_seen = accumulate_hessian_(self.hessian, x, self.n_seen)
+
+
+def _prune_linear(linear: nn.Linear, stats: _GroupStatistics | None, config: PruneConfig, backend: str) -> None:
+    n, m = config.nm
+    weight = linear.weight.data
+    if config.method == "magnitude":
+        prune_magnitude_(weight, config.sparsity_ratio, n, m, backend=backend)
+    elif config.method == "wanda":
+        prune_wanda_(weight, stats.act_sq_norms, config.sparsity_ratio, n, m, config.use_variant, backend=backend)
+    else:
+        prune_sparsegpt_(weight, stats.hessian, config.sparsity_ratio, n, m, config.blocksize, config.percdamp)
+
+
+def _collect_and_prune(
+    layer: nn.Module,
+    groups: list[list[str]],
+    inputs: LayerInputs,
+    config: PruneConfig,
+    backend: str,
+    device: torch.device,
+    store: torch.device,
+) -> None:
+    modules = dict(layer.named_modules())
+    stats = {}
+    handles = []
+    for group in groups:
+        first = modules[group[0]]
+        stats[group[0]] = group_stats = _GroupStatistics(config.method, first.in_features, device, backend)
+        handles.append(first.register_forward_hook(lambda _m, args, _out, s=group_stats: s.add(args[0])))
+    try:
+        run_layer(layer, inputs, device, store)  # outputs discarded: this pass only feeds the hooks
+    finally:
+        for h in handles:
+            h.remove()
+    for group in groups:
+        for name in group:
+            _prune_linear(modules[name], stats[group[0]], config, backend)
+    del stats
+
+
+@torch.no_grad()
+def prune_model(
+    model: nn.Module,
+    calibration_ids: torch.Tensor | None,
+    method: str = "wanda",
+    sparsity_ratio: float = 0.5,
+    sparsity_type: str = "unstructured",
+    **options,
+) -> PruneReport:
+    """Prune every Linear of every decoder layer of ``model`` in place; return a :class:`PruneReport`.
+
+    ``calibration_ids``: LongTensor [nsamples, seqlen] (unused by magnitude). Options are the fields of
+    :class:`pruning.config.PruneConfig` (use_variant, true_sequential, backend, calib_batch_size, ...).
+    The model is pruned where it sits: on a GPU, across GPUs (``device_map``), or in CPU RAM, in which
+    case each decoder layer is streamed to the GPU when there is one.
+    """
+    config = PruneConfig.from_options(
+        method=method, sparsity_ratio=sparsity_ratio, sparsity_type=sparsity_type, **options
+    )
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    first_device = compute_device_for(layers[0])
+    backend = resolve_backend(config.backend, first_device)
+    needs_data = config.method != "magnitude"
+    nsamples, seqlen = validate_calibration_ids(calibration_ids, model) if needs_data else (0, 0)
+    batch_size = config.calib_batch_size or (
+        auto_batch_size(model, adapter, nsamples, seqlen, first_device) if needs_data else 0
+    )
+    streamed = module_device(layers[0]).type == "cpu" and first_device.type == "cuda"
+    report = PruneReport(
+        config.method, config.sparsity_type, config.sparsity_ratio, backend, nsamples, seqlen, batch_size, streamed
+    )
+    if first_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(first_device)
+    model.eval()
+    start = time.perf_counter()
+    if config.sparsity_ratio == 0:
+        log.info("sparsity_ratio 0: nothing to prune")
+    else:
+        _prune_layers(model, adapter, layers, calibration_ids, config, backend, batch_size, report)
+    report.seconds = time.perf_counter() - start
+    report.actual_sparsity = check_sparsity(model, log_layers=False)
+    if first_device.type == "cuda":
+        report.peak_gpu_memory_bytes = torch.cuda.max_memory_allocated(first_device)
+    log.info("pruned to %.4f sparsity in %.1f s", report.actual_sparsity, report.seconds)
+    return report
+
+
+def _prune_layers(model, adapter, layers, calibration_ids, config, backend, batch_size, report) -> None:
+    inputs = None
+    store = None
+    if config.method != "magnitude":
+        device = compute_device_for(layers[0])
+        hidden_bytes = calibration_ids.numel() * model.config.hidden_size * next(model.parameters()).element_size()
+        store = activation_store(hidden_bytes, device)
+        inputs = capture_layer_inputs(model, adapter, calibration_ids, batch_size, store)
+    for index, layer in enumerate(tqdm(layers, desc=f"{config.method} {config.sparsity_type}", unit="layer")):
+        t0 = time.perf_counter()
+        device = compute_device_for(layer)
+        with on_device([layer], device):
+            groups = adapter.groups_for(layer)
+            if config.method == "magnitude":
+                modules = dict(layer.named_modules())
+                for name in (n for g in groups for n in g):
+                    _prune_linear(modules[name], None, config, backend)
+            else:
+                for stage in [[g] for g in groups] if config.true_sequential else [groups]:
+                    _collect_and_prune(layer, stage, inputs, config, backend, device, store)
+                inputs.hidden = run_layer(layer, inputs, device, store)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        sparsity = layer_sparsity(layer)
+        report.layers.append(LayerReport(index, seconds, sparsity))
+        log.info("layer %d: %.2f s, sparsity %.4f", index, seconds, sparsity)

@@ -1,0 +1,124 @@
+"""Evaluation: perplexity by the published GPTQ/SparseGPT/Wanda protocol, and zero-shot tasks through lm-eval.
+
+Perplexity protocol: the evaluation text is tokenized once into ids [1, N]; ids are cut into N // seqlen disjoint
+windows of `seqlen` tokens (the remainder is dropped); each window is scored independently (no context carried over)
+on its seqlen - 1 next-token predictions; ppl = exp(mean NLL over all scored tokens). Every window scores the same
+number of tokens, so this equals Wanda's exp(sum_w mean_nll_w * seqlen / (n_windows * seqlen)).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ZERO_SHOT_TASKS: tuple[str, ...] = (
+    "boolq",
+    "rte",
+    "hellaswag",
+    "winogrande",
+    "arc_easy",
+    "arc_challenge",
+    "openbookqa",
+)
+
+# Positions per cross-entropy call: bounds the fp32 copy of the logits to chunk * batch * vocab floats.
+_NLL_CHUNK_TOKENS = 512
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Device where input ids must live: the input embedding's (works with accelerate device maps)."""
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    if emb is not None and getattr(emb, "weight", None) is not None and emb.weight.device.type != "meta":
+        return emb.weight.device
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def summed_next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Sum over the batch of -log p(ids[:, t+1] | ids[:, :t+1]) for logits [B, T, V] and ids [B, T].
+
+    Computed in fp32 over chunks of positions (never a full fp32 copy of long-sequence logits), summed in fp64.
+    """
+    labels = ids.to(logits.device)
+    total = 0.0
+    n_pred = logits.shape[1] - 1
+    for start in range(0, n_pred, _NLL_CHUNK_TOKENS):
+        stop = min(start + _NLL_CHUNK_TOKENS, n_pred)
+        chunk = logits[:, start:stop, :].float()
+        target = labels[:, start + 1 : stop + 1]
+        nll = F.cross_entropy(chunk.reshape(-1, chunk.shape[-1]), target.reshape(-1), reduction="sum")
+        total += float(nll.double())
+    return total
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module, ids: torch.Tensor, seqlen: int, batch_size: int = 1, progress: bool = True
+) -> float:
+    """Perplexity of `model` on token ids [1, N] (or [N]) over N // seqlen disjoint windows of `seqlen` tokens."""
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be >= 2 to score any token, got {seqlen}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    flat = ids.reshape(-1) if ids.dim() == 1 or ids.shape[0] == 1 else None
+    if flat is None:
+        raise ValueError(f"ids must have shape [1, N] or [N], got {tuple(ids.shape)}")
+    n_windows = flat.numel() // seqlen
+    if n_windows == 0:
+        raise ValueError(f"only {flat.numel()} tokens: need at least seqlen={seqlen} for one window")
+    dropped = flat.numel() - n_windows * seqlen
+    windows = flat[: n_windows * seqlen].view(n_windows, seqlen)
+    device = input_device(model)
+    logger.info("perplexity: %d windows of %d tokens (%d trailing tokens dropped)", n_windows, seqlen, dropped)
+
+    was_training = model.training
+    model.eval()
+    total_nll = 0.0
+    try:
+        for start in tqdm(range(0, n_windows, batch_size), desc="ppl", disable=not progress, leave=False):
+            batch = windows[start : start + batch_size].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            total_nll += summed_next_token_nll(logits, batch)
+            del logits
+    finally:
+        model.train(was_training)
+    mean_nll = total_nll / (n_windows * (seqlen - 1))
+    return math.exp(mean_nll)
+
+
+def zero_shot(
+    model: Any,
+    tokenizer: Any,
+    tasks: Sequence[str] = DEFAULT_ZERO_SHOT_TASKS,
+    num_fewshot: int = 0,
+    batch_size: int = 1,
+    limit: int | float | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run lm-eval (>= 0.4) tasks on an in-memory HF model.
+
+    Returns lm-eval's per-task metrics, `simple_evaluate(...)["results"]`, e.g. {"boolq": {"acc,none": ...}}.
+    """
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as exc:
+        raise ImportError("zero-shot evaluation needs lm-eval: pip install -e '.[eval]'") from exc
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=list(tasks), num_fewshot=num_fewshot, batch_size=batch_size, limit=limit
+    )
+    if results is None:  # non-zero ranks in distributed runs
+        return {}
+    return dict(results["results"])

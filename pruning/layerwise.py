@@ -1,0 +1,188 @@
+"""Running a causal LM one decoder layer at a time: capture layer-0 inputs, stream layers to the GPU.
+
+This is what lets a model larger than GPU memory be pruned (and evaluated): only one decoder layer and
+the [nsamples, seqlen, hidden] activations need to be on the GPU at once. Works for any adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pruning.adapters import DecoderAdapter
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the layer-0 hook once its inputs are captured: nothing past embeddings needs to run."""
+
+
+@dataclass
+class LayerInputs:
+    """Per calibration batch: the hidden states entering a layer and the keyword arguments the model's
+    own forward passed with them (attention mask, position ids, rotary position_embeddings, ...)."""
+
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    args: list[tuple] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    @property
+    def n_samples(self) -> int:
+        return sum(h.shape[0] for h in self.hidden)
+
+
+def to_device(obj, device: torch.device):
+    """Move every tensor in a nested tuple/list/dict to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def compute_device_for(module: nn.Module) -> torch.device:
+    """Where a module should run: its own GPU, or the current GPU when it sits in CPU RAM (streamed)."""
+    device = module_device(module)
+    if device.type == "meta":
+        raise ValueError(
+            "some weights are offloaded to disk (meta tensors) by accelerate; prune with --offload instead, "
+            "which keeps the model in CPU RAM and streams one layer at a time to the GPU"
+        )
+    if device.type == "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@contextlib.contextmanager
+def on_device(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
+    """Temporarily move CPU-resident modules to ``device`` (streaming); modules already placed stay."""
+    moved = [m for m in modules if module_device(m).type == "cpu" and device.type != "cpu"]
+    for m in moved:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m in moved:
+            m.to("cpu")
+
+
+@contextlib.contextmanager
+def no_kv_cache(model: nn.Module) -> Iterator[None]:
+    config = getattr(model, "config", None)
+    previous = getattr(config, "use_cache", None)
+    if config is not None:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if config is not None:
+            config.use_cache = previous
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, adapter: DecoderAdapter, input_ids: torch.Tensor, batch_size: int, store: torch.device
+) -> LayerInputs:
+    """Run the model up to decoder layer 0 on each batch of ``input_ids`` and keep what layer 0 receives."""
+    layers = adapter.layers(model)
+    first = layers[0]
+    device = compute_device_for(first)
+    captured = LayerInputs()
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "cache")}
+        captured.hidden.append(hidden.to(store))
+        captured.args.append(to_device(tuple(args[1:]), store))
+        captured.kwargs.append(to_device(kwargs, store))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    embeddings = adapter.embedding_modules(model)
+    try:
+        with on_device(embeddings, device), no_kv_cache(model):
+            embed_device = module_device(embeddings[0])
+            for batch in input_ids.split(batch_size):
+                with contextlib.suppress(_StopForward):
+                    model(input_ids=batch.to(embed_device), use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device, store: torch.device) -> list[torch.Tensor]:
+    """The layer's outputs for every batch (inputs read from and outputs written to ``store``)."""
+    outputs = []
+    for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
+        out = layer(hidden.to(device), *to_device(args, device), **to_device(kwargs, device))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        outputs.append(out.to(store))
+    return outputs
+
+
+def activation_store(inputs_bytes: int, device: torch.device) -> torch.device:
+    """Keep calibration activations on the GPU when two copies (inputs + outputs) fit comfortably."""
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    if 2 * inputs_bytes < 0.4 * free:
+        return device
+    log.info("calibration activations (%.1f GiB) kept in CPU RAM", 2 * inputs_bytes / 2**30)
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def layerwise_perplexity(
+    model: nn.Module, adapter: DecoderAdapter, ids: torch.Tensor, seqlen: int, batch_size: int = 1
+) -> float:
+    """The published perplexity protocol (disjoint seqlen windows, remainder dropped) computed one decoder
+    layer at a time, for models that live in CPU RAM and are streamed through the GPU."""
+    import math
+
+    from pruning.evaluate import summed_next_token_nll
+
+    ids = ids.reshape(1, -1)
+    n_windows = ids.shape[1] // seqlen
+    if n_windows == 0:
+        raise ValueError(f"evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
+    windows = ids[0, : n_windows * seqlen].reshape(n_windows, seqlen)
+    layers = adapter.layers(model)
+    device = compute_device_for(layers[0])
+    hidden_bytes = windows.numel() * model.config.hidden_size * next(model.parameters()).element_size()
+    store = activation_store(hidden_bytes, device)
+    inputs = capture_layer_inputs(model, adapter, windows, batch_size, store)
+    for layer in layers:
+        layer_device = compute_device_for(layer)
+        with on_device([layer], layer_device):
+            inputs.hidden = run_layer(layer, inputs, layer_device, store)
+    head = adapter.head_modules(model)
+    head_device = compute_device_for(head[-1])
+    total_nll = 0.0
+    with on_device(head, head_device):
+        for hidden, batch_ids in zip(inputs.hidden, windows.split(batch_size), strict=True):
+            x = hidden.to(head_device)
+            for module in head:
+                x = module(x)
+            total_nll += summed_next_token_nll(x, batch_ids)
+    return math.exp(total_nll / (n_windows * (seqlen - 1)))

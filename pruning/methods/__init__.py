@@ -1,0 +1,18 @@
+"""Pruning algorithms as pure functions over tensors: each prunes one weight matrix in place, returns its mask."""
+
+from __future__ import annotations
+
+from pruning.methods.magnitude import prune_magnitude_
+from pruning.methods.ops import BACKENDS, KernelOps, kernel_ops
+from pruning.methods.sparsegpt import accumulate_hessian_, prune_sparsegpt_
+from pruning.methods.wanda import prune_wanda_
+
+__all__ = [
+    "BACKENDS",
+    "KernelOps",
+    "accumulate_hessian_",
+    "kernel_ops",
+    "prune_magnitude_",
+    "prune_sparsegpt_",
+    "prune_wanda_",
+]

@@ -1,0 +1,60 @@
+"""Pick the implementation of the ``wanda_kernels`` ops that the pruning methods call.
+
+``"torch"`` is the plain-torch reference (``wanda_kernels.reference.<op>_torch``, trailing ``_`` dropped: the
+spec, always importable);
+``"triton"`` is the Triton op of the same name in ``wanda_kernels``. Both have identical signatures and
+results, so methods are written once against :class:`KernelOps`. The Triton package is imported lazily, so
+the torch backend keeps working when Triton (or a kernel) fails to import.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+BACKENDS: tuple[str, ...] = ("torch", "triton")
+
+OP_NAMES: tuple[str, ...] = (
+    "accumulate_sq_norms_",
+    "wanda_scores",
+    "unstructured_mask",
+    "nm_mask",
+    "magnitude_mask",
+    "wanda_prune_",
+)
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    """The ops of one backend; see ``wanda_kernels/reference.py`` for each op's contract."""
+
+    backend: str
+    accumulate_sq_norms_: Callable
+    wanda_scores: Callable
+    unstructured_mask: Callable
+    nm_mask: Callable
+    magnitude_mask: Callable
+    wanda_prune_: Callable
+
+
+def kernel_ops(backend: str) -> KernelOps:
+    """Return the ops of ``backend`` (one of :data:`BACKENDS`); ValueError for an unknown name."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return _load(backend)
+
+
+@functools.cache
+def _load(backend: str) -> KernelOps:
+    if backend == "torch":
+        module = importlib.import_module("wanda_kernels.reference")
+        names = {name: f"{name.rstrip('_')}_torch" for name in OP_NAMES}  # accumulate_sq_norms_ -> ..._torch
+    else:
+        module = importlib.import_module("wanda_kernels")
+        names = {name: name for name in OP_NAMES}
+    missing = [attr for attr in names.values() if not hasattr(module, attr)]
+    if missing:
+        raise ImportError(f"backend {backend!r}: {module.__name__} does not provide {', '.join(missing)}")
+    return KernelOps(backend=backend, **{name: getattr(module, attr) for name, attr in names.items()})

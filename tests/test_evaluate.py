@@ -1,0 +1,150 @@
+"""Perplexity by the published protocol, checked against a hand computation on tiny random models."""
+
+from __future__ import annotations
+
+import builtins
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+from pruning import evaluate
+from pruning.evaluate import input_device, perplexity, zero_shot
+
+VOCAB = 97
+SEQLEN = 16
+
+
+def tiny_model(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg = OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            ffn_dim=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
+        )
+        model = OPTForCausalLM(cfg)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "opt"])
+def model(request):
+    return tiny_model(request.param)
+
+
+def ids_of_length(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def hand_ppl(model, ids: torch.Tensor, seqlen: int) -> float:
+    """exp(mean over every window's next-token NLL), windows disjoint, remainder dropped, float64 log-softmax."""
+    nlls = []
+    n_windows = ids.shape[1] // seqlen
+    for w in range(n_windows):
+        window = ids[:, w * seqlen : (w + 1) * seqlen]
+        with torch.no_grad():
+            logits = model(input_ids=window).logits[0].double()
+        logp = torch.log_softmax(logits[:-1], dim=-1)
+        nlls.append(-logp[torch.arange(seqlen - 1), window[0, 1:]])
+    return math.exp(torch.cat(nlls).mean().item())
+
+
+def wanda_ppl(model, ids: torch.Tensor, seqlen: int, bs: int) -> float:
+    """Wanda's eval_ppl_wikitext arithmetic: mean CE per batch * seqlen * batch, / (nsamples * seqlen)."""
+    nsamples = ids.numel() // seqlen
+    nlls = []
+    for i in range(0, nsamples, bs):
+        j = min(i + bs, nsamples)
+        inputs = ids[:, i * seqlen : j * seqlen].reshape(j - i, seqlen)
+        with torch.no_grad():
+            logits = model(input_ids=inputs).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), inputs[:, 1:].reshape(-1))
+        nlls.append(loss.float() * seqlen * (j - i))
+    return torch.exp(torch.stack(nlls).sum() / (nsamples * seqlen)).item()
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4])
+def test_matches_hand_computation(model, batch_size):
+    ids = ids_of_length(3 * SEQLEN + 5)  # 3 windows (one partial batch at bs=2) + a remainder of 5
+    expected = hand_ppl(model, ids, SEQLEN)
+    got = perplexity(model, ids, SEQLEN, batch_size=batch_size, progress=False)
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert got == pytest.approx(wanda_ppl(model, ids, SEQLEN, batch_size), rel=1e-5)
+
+
+def test_remainder_is_dropped(model):
+    ids = ids_of_length(2 * SEQLEN + SEQLEN - 1)
+    exact = perplexity(model, ids[:, : 2 * SEQLEN], SEQLEN, progress=False)
+    assert perplexity(model, ids, SEQLEN, progress=False) == exact
+    assert perplexity(model, ids[0], SEQLEN, progress=False) == exact  # 1-D ids accepted
+    # the remainder is not scored: changing it changes nothing; changing a scored token does
+    changed_tail = ids.clone()
+    changed_tail[0, -3:] = (changed_tail[0, -3:] + 1) % VOCAB
+    assert perplexity(model, changed_tail, SEQLEN, progress=False) == exact
+    changed_body = ids.clone()
+    changed_body[0, 5] = (changed_body[0, 5] + 1) % VOCAB
+    assert perplexity(model, changed_body, SEQLEN, progress=False) != exact
+
+
+def test_windows_are_independent(model):
+    """No context crosses a window boundary: ppl of two windows = exp(mean of the two windows' log-ppl)."""
+    ids = ids_of_length(2 * SEQLEN, seed=3)
+    first = math.log(perplexity(model, ids[:, :SEQLEN], SEQLEN, progress=False))
+    second = math.log(perplexity(model, ids[:, SEQLEN:], SEQLEN, progress=False))
+    both = perplexity(model, ids, SEQLEN, batch_size=2, progress=False)
+    assert both == pytest.approx(math.exp((first + second) / 2), rel=1e-6)
+
+
+def test_chunked_nll_matches_unchunked(model, monkeypatch):
+    ids = ids_of_length(2 * SEQLEN)
+    full = perplexity(model, ids, SEQLEN, progress=False)
+    monkeypatch.setattr(evaluate, "_NLL_CHUNK_TOKENS", 4)  # 15 predictions per window -> 4 chunks
+    assert perplexity(model, ids, SEQLEN, progress=False) == pytest.approx(full, rel=1e-6)
+
+
+def test_bad_inputs_and_training_flag_restored():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="need at least seqlen=16"):
+        perplexity(model, ids_of_length(SEQLEN - 1), SEQLEN, progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        perplexity(model, torch.zeros(2, 40, dtype=torch.long), SEQLEN, progress=False)
+    model.train()
+    perplexity(model, ids_of_length(SEQLEN), SEQLEN, progress=False)
+    assert model.training
+    assert input_device(model) == torch.device("cpu")
+
+
+def test_random_model_ppl_is_near_vocab_size():
+    """Sanity of scale: a freshly initialised model is close to uniform, so ppl is close to the vocab size."""
+    ppl = perplexity(tiny_model("opt"), ids_of_length(4 * SEQLEN), SEQLEN, progress=False)
+    assert 0.8 * VOCAB < ppl < 1.25 * VOCAB
+
+
+def test_zero_shot_without_lm_eval_says_how_to_install(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_lm_eval(name, *args, **kwargs):
+        if name == "lm_eval" or name.startswith("lm_eval."):
+            raise ImportError("No module named 'lm_eval'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    with pytest.raises(ImportError, match=r"zero-shot evaluation needs lm-eval: pip install -e '\.\[eval\]'"):
+        zero_shot(object(), object(), tasks=("boolq",))
