@@ -86,6 +86,19 @@ def validate_calibration_ids(calibration_ids: torch.Tensor | None, model: nn.Mod
     return nsamples, seqlen
 
 
+def _check_nm_divisibility(layers: nn.ModuleList, config: PruneConfig) -> None:
+    """N:M groups run along in_features: refuse up front (not after hours of pruning) when one does not divide."""
+    n, m = config.nm
+    if not m:
+        return
+    bad = sorted(
+        {f"{name} (in_features {mod.in_features})" for layer in layers for name, mod in layer.named_modules()
+         if isinstance(mod, nn.Linear) and mod.in_features % m}
+    )  # fmt: skip
+    if bad:
+        raise ValueError(f"{config.sparsity_type} needs in_features divisible by {m}; not so for {', '.join(bad)}")
+
+
 def auto_batch_size(model: nn.Module, adapter: DecoderAdapter, nsamples: int, seqlen: int, device: torch.device) -> int:
     """Calibration samples per layer forward, from a budget of a quarter of the free GPU memory."""
     if device.type != "cuda":
@@ -182,6 +195,7 @@ def prune_model(
     layers = adapter.layers(model)
     first_device = compute_device_for(layers[0])
     backend = resolve_backend(config.backend, first_device)
+    _check_nm_divisibility(layers, config)
     needs_data = config.method != "magnitude"
     nsamples, seqlen = validate_calibration_ids(calibration_ids, model) if needs_data else (0, 0)
     batch_size = config.calib_batch_size or (

@@ -280,6 +280,12 @@ def test_bad_arguments_are_clear_errors():
         pruning.prune_model(model, None, "wanda", 0.5)
     with pytest.raises(TypeError, match="unknown pruning option"):
         pruning.prune_model(model, ids, "wanda", 0.5, nsample=3)
+    odd = tiny_llama()
+    odd.model.layers[1].mlp.down_proj = nn.Linear(100, 64)
+    with pytest.raises(
+        ValueError, match=r"4:8 needs in_features divisible by 8; not so for mlp.down_proj \(in_features 100\)"
+    ):
+        pruning.prune_model(odd, ids, "wanda", 0.5, "4:8")
     gpt2 = nn.Module()
     gpt2.config = type("Config", (), {"model_type": "gpt2"})()
     with pytest.raises(UnsupportedModelError, match="supported model types are opt, llama"):

@@ -1,0 +1,97 @@
+"""Pruning quality on a real trained model: stories260K (llama2.c), dense vs pruned perplexity.
+
+    python -m bench.stories_quality [--out FILE]
+
+The model is Karpathy's stories260K (a 5-layer Llama trained on TinyStories), converted to a Hugging Face
+LlamaForCausalLM from ../shared/data. Evaluation: the first EVAL_CHARS characters of the TinyStories text,
+cut into disjoint windows of SEQLEN tokens (the published perplexity protocol). Calibration: NSAMPLES
+random windows (seed 0) drawn only from the text AFTER those characters, so the two never overlap.
+Runs on the CPU in about a minute; results append to bench/results/ as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+EVAL_CHARS = 60_000
+SEQLEN = 256
+NSAMPLES = 128
+CONFIGS = [
+    (method, sparsity_type)
+    for sparsity_type in ("unstructured", "2:4")  # not 4:8: down_proj's in_features is 172
+    for method in ("magnitude", "wanda", "sparsegpt")
+]
+
+
+def run(data_dir: Path = SHARED_DATA) -> list[dict]:
+    import pruning
+    from pruning.data import get_calibration_ids, get_eval_ids
+    from pruning.evaluate import perplexity
+    from pruning.llama2c import load_llama2c
+
+    stories = data_dir / "stories260K"
+    dense, tokenizer = load_llama2c(stories / "stories260K.bin", stories / "tok512.bin")
+    text = (data_dir / "tinystories" / "tinystories_val_head.txt").read_text(encoding="utf-8")
+    with tempfile.TemporaryDirectory() as tmp:
+        eval_path, calib_path = Path(tmp) / "eval.txt", Path(tmp) / "calib.txt"
+        eval_path.write_text(text[:EVAL_CHARS], encoding="utf-8")
+        calib_path.write_text(text[EVAL_CHARS:], encoding="utf-8")
+        eval_ids = get_eval_ids(str(eval_path), tokenizer)
+        calib_ids = get_calibration_ids(str(calib_path), tokenizer, NSAMPLES, SEQLEN, seed=0)
+    common = {
+        "suite": "stories_quality", "model": "stories260K", "seqlen": SEQLEN, "nsamples": NSAMPLES,
+        "eval_tokens": int(eval_ids.shape[1]), "torch": torch.__version__, "device": "cpu",
+        "date": dt.date.today().isoformat(),
+    }  # fmt: skip
+    records = [{**common, "method": "dense", "sparsity_type": "-", "sparsity": 0.0,
+                "ppl": perplexity(dense, eval_ids, SEQLEN, batch_size=16, progress=False)}]  # fmt: skip
+    for method, sparsity_type in CONFIGS:
+        model = copy.deepcopy(dense)
+        t0 = time.perf_counter()
+        report = pruning.prune_model(model, calib_ids, method, 0.5, sparsity_type, backend="torch")
+        seconds = time.perf_counter() - t0
+        ppl = perplexity(model, eval_ids, SEQLEN, batch_size=16, progress=False)
+        records.append({**common, "method": method, "sparsity_type": sparsity_type,
+                        "sparsity": report.actual_sparsity, "ppl": ppl, "prune_seconds": seconds})  # fmt: skip
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    lines = ["| method | sparsity | actual sparsity | ppl |", "|---|---|---|---|"]
+    for r in records:
+        label = "dense" if r["method"] == "dense" else f"50% {r['sparsity_type']}"
+        lines.append(f"| {r['method']} | {label} | {r['sparsity']:.4f} | {r['ppl']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.stories_quality", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="JSON-lines file (default: bench/results/)")
+    args = parser.parse_args(argv)
+    if not (SHARED_DATA / "stories260K").is_dir():
+        print(f"stories260K not found under {SHARED_DATA}; nothing to measure")
+        return 2
+    records = run()
+    out = (
+        args.out or Path(__file__).resolve().parent / "results" / f"{dt.date.today().isoformat()}_stories260k-cpu.jsonl"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+    print(format_table(records))
+    print(f"\n{len(records)} records appended to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
