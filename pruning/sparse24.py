@@ -1,0 +1,223 @@
+"""2:4 compressed checkpoints and the sparse Linear that runs them.
+
+Saving (``--save_format sparse24``): every decoder-layer Linear is packed into kept values [O, C/2]
+(model dtype) + 2-bit indices uint8 [O, C/8] (``wanda_kernels.pack24``): 0.5625x the dense bytes. Other
+weights are unchanged. ``config.json`` gains ``sparsity_config`` naming the format and the modules.
+
+Loading: :func:`load_sparse` rebuilds the Hugging Face model with :class:`Sparse24Linear` in place of
+those Linears. Its forward picks, per call:
+  * CPU: the dense weight (unpacked once and cached; warns once), since nothing sparse is faster there;
+  * CUDA, M <= ``decode_max_tokens`` rows: our Triton kernel reading the packed values and indices;
+  * CUDA, larger M: cuSPARSELt through ``torch._cslt_sparse_mm`` with the weight compressed once, the
+    best algorithm searched once per shape, the bias fused and the output written contiguous [M, O]
+    (``transpose_result``), so the next ops (attention) keep their fast kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FORMAT = "sparse24"
+FORMAT_VERSION = 1
+CUSPARSELT_ROW_MULTIPLE = 16  # dense operand rows are padded to this for cuSPARSELt
+
+
+def _kernels():
+    import wanda_kernels.pack24 as pack24
+    import wanda_kernels.sparse24_mm as sparse24_mm
+
+    return pack24, sparse24_mm
+
+
+class Sparse24Linear(nn.Module):
+    """A Linear whose weight is stored 2:4-compressed. Numerically F.linear on the dense-with-zeros weight."""
+
+    decode_max_tokens = 16  # at or below: the Triton GEMV kernel; above: cuSPARSELt
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+        super().__init__()
+        if in_features % 8:
+            raise ValueError(f"Sparse24Linear needs in_features divisible by 8, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("values", torch.empty(out_features, in_features // 2, dtype=dtype, device=device))
+        self.register_buffer("meta", torch.empty(out_features, in_features // 8, dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        self._dense_cache: torch.Tensor | None = None
+        self._cslt_weight: torch.Tensor | None = None
+        self._cslt_alg: dict[int, int] = {}
+        self._cslt_failed = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, name: str = "linear") -> Sparse24Linear:
+        """Pack a 2:4-pruned Linear; ValueError naming ``name`` if its weight is not 2:4."""
+        weight = linear.weight.data
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype, weight.device)
+        try:
+            values, meta = _pack(weight)
+        except ValueError as err:
+            raise ValueError(f"cannot store {name} as 2:4: {err}") from None
+        module.values.copy_(values)
+        module.meta.copy_(meta)
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.data)
+        return module
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense [O, C] weight with exact zeros."""
+        return _unpack(self.values, self.meta)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, 2:4"
+
+    def _apply(self, fn, recurse=True):
+        self._dense_cache, self._cslt_weight, self._cslt_alg = None, None, {}  # device/dtype moves invalidate
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda":
+            if self._dense_cache is None:
+                warnings.warn("Sparse24Linear on CPU runs the dense weight (no sparse speed-up there)", stacklevel=2)
+                self._dense_cache = self.to_dense()
+            return F.linear(x, self._dense_cache, self.bias)
+        n_tokens = x.numel() // self.in_features
+        if n_tokens <= self.decode_max_tokens:
+            _, sparse24_mm = _kernels()
+            return sparse24_mm.sparse24_linear(x, self.values, self.meta, self.bias)
+        return self._cusparselt_linear(x)
+
+    def _cusparselt_linear(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features)
+        n_tokens = x2d.shape[0]
+        padded = -(-n_tokens // CUSPARSELT_ROW_MULTIPLE) * CUSPARSELT_ROW_MULTIPLE
+        if not self._cslt_failed:
+            try:
+                if self._cslt_weight is None:
+                    self._cslt_weight = torch._cslt_compress(self.to_dense())
+                if padded != n_tokens:
+                    x2d = F.pad(x2d, (0, 0, 0, padded - n_tokens))
+                dense_b = x2d.t()  # [C, M] view: W @ x^T, written back transposed = contiguous [M, O]
+                alg = self._cslt_alg.get(padded)
+                if alg is None:
+                    alg = self._cslt_alg[padded] = torch._cslt_sparse_mm_search(
+                        self._cslt_weight, dense_b, bias=self.bias, transpose_result=True
+                    )
+                y = torch._cslt_sparse_mm(self._cslt_weight, dense_b, bias=self.bias, transpose_result=True, alg_id=alg)
+                return y[:n_tokens].reshape(*x.shape[:-1], self.out_features)
+            except (RuntimeError, TypeError) as err:
+                self._cslt_failed = True
+                warnings.warn(f"cuSPARSELt unavailable ({err}); Sparse24Linear falls back to dense", stacklevel=2)
+        if self._dense_cache is None:
+            self._dense_cache = self.to_dense()
+        return F.linear(x, self._dense_cache, self.bias)
+
+
+def _pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from wanda_kernels import reference
+
+    if weight.device.type == "cuda":
+        pack24, _ = _kernels()
+        return pack24.pack_24(weight)
+    return reference.pack_24_torch(weight)
+
+
+def _unpack(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    from wanda_kernels import reference
+
+    if values.device.type == "cuda":
+        pack24, _ = _kernels()
+        return pack24.unpack_24(values, meta)
+    return reference.unpack_24_torch(values, meta)
+
+
+def compress_model_24(model: nn.Module) -> list[str]:
+    """Replace every decoder-layer Linear with a :class:`Sparse24Linear` (in place). Returns the module
+    names. Raises a ValueError naming the first Linear that is not 2:4, before anything is replaced."""
+    from pruning.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    prefix = adapter.layers_path
+    targets = []
+    for i, layer in enumerate(adapter.layers(model)):
+        for name, module in layer.named_modules():
+            if isinstance(module, nn.Linear):
+                targets.append((f"{prefix}.{i}.{name}", layer, name, module))
+    packed = [(full, layer, name, Sparse24Linear.from_linear(module, full)) for full, layer, name, module in targets]
+    for _, layer, name, sparse in packed:
+        parent_name, _, child = name.rpartition(".")
+        setattr(layer.get_submodule(parent_name) if parent_name else layer, child, sparse)
+    return [full for full, *_ in packed]
+
+
+def save_sparse(model: nn.Module, tokenizer, directory: Path) -> Path:
+    """Compress the model's decoder Linears in place and ``save_pretrained`` it (safetensors) into
+    ``directory`` (which the caller stages and renames atomically)."""
+    modules = compress_model_24(model)
+    model.config.sparsity_config = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "modules": modules,
+        "layout": "values [O, C/2] model dtype (kept entries, lower column first); "
+        "meta uint8 [O, C/8]: 2-bit column-in-group of kept value 4b+i in bits [2i, 2i+2) of byte b",
+    }
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state = {}
+    for name in files:
+        state.update(load_file(str(directory / name)))
+    return state
+
+
+def load_sparse(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a ``--save_format sparse24`` checkpoint as a Hugging Face model with Sparse24Linear modules."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(path).expanduser()
+    if not (directory / "config.json").exists():
+        raise ValueError(f"{str(directory)!r} is not a saved model directory (no config.json)")
+    config = AutoConfig.from_pretrained(directory)
+    spec = getattr(config, "sparsity_config", None)
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        raise ValueError(f"{str(directory)!r} is not a sparse24 checkpoint; load it with from_pretrained")
+    if spec.get("version") != FORMAT_VERSION:
+        raise ValueError(f"sparse24 format version {spec.get('version')} is not supported (this is {FORMAT_VERSION})")
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name in spec["modules"]:
+        linear = model.get_submodule(name)
+        parent_name, _, child = name.rpartition(".")
+        sparse = Sparse24Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype, "meta")
+        setattr(model.get_submodule(parent_name), child, sparse)
+    state = _read_state_dict(directory)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    still_meta += [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if still_meta or result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint does not match its config: missing {still_meta[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    return model.to(device).eval()

@@ -1,0 +1,110 @@
+"""2:4 compressed checkpoints: save, load_sparse, Sparse24Linear numerics (CPU here; CUDA paths marked gpu)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+import pruning
+from pruning.sparse24 import Sparse24Linear, compress_model_24, load_sparse, save_sparse
+
+
+def tiny(family: str, dtype=torch.float32):
+    torch.manual_seed(0)
+    if family == "opt":
+        config = OPTConfig(vocab_size=96, hidden_size=64, word_embed_proj_dim=64, ffn_dim=128, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
+        model = OPTForCausalLM(config)
+    else:
+        config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+        model = LlamaForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+def pruned(family: str, dtype=torch.float32):
+    model = tiny(family, dtype)
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    pruning.prune_model(model.float(), ids, "wanda", 0.5, "2:4")
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_save_and_load_sparse_round_trip(family, tmp_path):
+    model = pruned(family)
+    dense = copy.deepcopy(model)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = dense(ids).logits
+    save_sparse(model, None, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    spec = config["sparsity_config"]
+    assert spec["format"] == "sparse24" and len(spec["modules"]) == (12 if family == "opt" else 14)
+    loaded = load_sparse(tmp_path)
+    for name in spec["modules"]:
+        module = loaded.get_submodule(name)
+        assert isinstance(module, Sparse24Linear)
+        assert torch.equal(module.to_dense(), dense.get_submodule(name).weight)  # exact zeros and values
+    with torch.no_grad(), pytest.warns(UserWarning, match="dense weight"):
+        got = loaded(ids).logits
+    assert torch.equal(got, want)  # CPU runs the unpacked dense weight: bit-identical
+
+
+def test_compressed_tensors_are_0_5625x_the_dense_size(tmp_path):
+    model = pruned("opt", torch.float16)
+    first = "model.decoder.layers.0.fc1"
+    dense_bytes = model.get_submodule(first).weight.numel() * 2
+    save_sparse(model, None, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        packed = f.get_tensor(f"{first}.values").numel() * 2 + f.get_tensor(f"{first}.meta").numel()
+    assert f"{first}.weight" not in keys and f"{first}.values" in keys
+    assert packed / dense_bytes == 0.5625
+    assert "model.decoder.embed_tokens.weight" in keys  # other weights are stored as they were
+
+
+def test_a_weight_that_is_not_24_is_refused_by_name():
+    model = pruned("llama")
+    model.model.layers[1].mlp.up_proj.weight.data[0, :4] = 1.0
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj.*not 2:4 sparse: 1 groups"):
+        compress_model_24(model)
+    # Nothing was replaced: every decoder Linear is still a plain nn.Linear.
+    assert not any(isinstance(m, Sparse24Linear) for m in model.modules())
+
+
+def test_load_sparse_rejects_a_dense_checkpoint(tmp_path):
+    tiny("opt").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not a sparse24 checkpoint"):
+        load_sparse(tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_tokens", [1, 16, 2048])
+def test_sparse24_linear_on_cuda_matches_dense(n_tokens):
+    torch.manual_seed(0)
+    linear = nn.Linear(4096, 1024, bias=True).half().cuda()
+    pruning.methods.prune_magnitude_(linear.weight.data, 0.5, 2, 4, backend="triton")
+    sparse = Sparse24Linear.from_linear(linear)
+    x = torch.randn(n_tokens, 4096, device="cuda", dtype=torch.float16)
+    got, want = sparse(x), linear(x)
+    assert got.is_contiguous() and got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_sparse_model_logits_match_dense_with_zeros_on_cuda(tmp_path):
+    model = pruned("llama", torch.float16)
+    save_sparse(copy.deepcopy(model), None, tmp_path)
+    dense = model.cuda()
+    sparse = load_sparse(tmp_path, device="cuda")
+    for shape in ((1, 1), (2, 40)):
+        ids = torch.randint(0, 96, shape, device="cuda")
+        with torch.no_grad():
+            want, got = dense(ids).logits.float(), sparse(ids).logits.float()
+        assert ((got - want).norm() / want.norm()) < 1e-2

@@ -1,0 +1,96 @@
+"""2:4 packed format kernels (pack, fused Wanda select + pack, unpack, sparse GEMV) vs their torch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wanda_kernels import reference as ref
+from wanda_kernels.pack24 import pack_24, unpack_24, wanda_prune_pack_24
+from wanda_kernels.sparse24_mm import sparse24_linear
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def pruned_24(shape, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen)
+    ref.wanda_prune_torch(w, torch.rand(shape[1], generator=gen), 0.5, 2, 4)
+    w[0, :4] = 0.0  # a group with 4 zeros
+    w[-1, 4:8] = torch.tensor([0.0, 0.0, 1.5, 0.0])  # a group with 3 zeros
+    return w.to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(9, 48), (1, 8), (33, 136)])
+def test_pack_matches_reference_and_round_trips(dtype, shape, device):
+    w = pruned_24(shape, dtype, device)
+    values, meta = pack_24(w)
+    values_ref, meta_ref = ref.pack_24_torch(w)
+    assert torch.equal(values, values_ref) and torch.equal(meta, meta_ref)
+    assert values.shape == (shape[0], shape[1] // 2) and meta.shape == (shape[0], shape[1] // 8)
+    assert torch.equal(unpack_24(values, meta), w)
+    assert torch.equal(ref.unpack_24_torch(values_ref, meta_ref), w)
+    # 0.5625x the dense size for 16-bit weights: C*2/2 + C/8 bytes against C*2 per row.
+    packed_bytes = values.numel() * values.element_size() + meta.numel()
+    if dtype != torch.float32:
+        assert packed_bytes / (w.numel() * w.element_size()) == 0.5625
+
+
+def test_pack_layout_is_the_documented_one(device):
+    w = torch.tensor([[0.0, 2.0, 0.0, 3.0, 4.0, 0.0, 0.0, 5.0]], device=device)
+    values, meta = pack_24(w)
+    assert values.tolist() == [[2.0, 3.0, 4.0, 5.0]]
+    # kept columns 1, 3 | 0, 3 -> bits: 1 | 3<<2 | 0<<4 | 3<<6
+    assert meta.tolist() == [[1 | 3 << 2 | 0 << 4 | 3 << 6]]
+
+
+def test_pack_rejects_weights_that_are_not_24(device):
+    w = torch.randn(4, 16, device=device)
+    with pytest.raises(ValueError, match="not 2:4 sparse: 16 groups"):
+        pack_24(w)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack_24(torch.zeros(4, 12, device=device))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_wanda_select_and_pack(dtype, device):
+    gen = torch.Generator().manual_seed(1)
+    w = (torch.randint(-3, 4, (17, 64), generator=gen).float() / 2).to(dtype=dtype, device=device)  # many ties
+    a = torch.rand(64, generator=gen).to(device)
+    values, meta = wanda_prune_pack_24(w, a)
+    values_ref, meta_ref = ref.wanda_prune_pack_24_torch(w, a)
+    assert torch.equal(values, values_ref) and torch.equal(meta, meta_ref)
+    pruned = w.clone()
+    ref.wanda_prune_torch(pruned, a, 0.5, 2, 4)
+    assert torch.equal(unpack_24(values, meta), pruned)
+
+
+@pytest.mark.parametrize(
+    "dtype,atol,rtol", [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-2, 1e-2), (torch.bfloat16, 8e-2, 2e-2)]
+)
+@pytest.mark.parametrize("n_tokens", [1, 3, 16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_sparse24_linear_matches_dense_linear(dtype, atol, rtol, n_tokens, with_bias, device):
+    w = pruned_24((40, 64), dtype, device)
+    values, meta = pack_24(w)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(n_tokens, 64, generator=gen).to(dtype=dtype, device=device)
+    bias = torch.randn(40, generator=gen).to(dtype=dtype, device=device) if with_bias else None
+    got = sparse24_linear(x, values, meta, bias)
+    # Reference in fp32 from the same inputs; the kernel accumulates in fp32 and rounds once to dtype,
+    # so the error is ~ one output ulp (|y| ~ 8 here: fp16 ulp 0.008, bf16 ulp 0.06).
+    want = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+    torch.testing.assert_close(got.float(), want, atol=atol * 8, rtol=rtol)
+    assert torch.equal(ref.sparse24_linear_torch(x, values, meta, bias), torch.nn.functional.linear(x, w, bias))
+
+
+def test_sparse24_linear_batched_leading_dims_and_errors(device):
+    w = pruned_24((16, 32), torch.float32, device)
+    values, meta = pack_24(w)
+    x = torch.randn(2, 3, 32, device=device)
+    torch.testing.assert_close(sparse24_linear(x, values, meta), x @ w.T, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="x must be"):
+        sparse24_linear(x.half(), values, meta)
+    with pytest.raises(ValueError, match="meta must be"):
+        sparse24_linear(x, values, meta[:, :2])
