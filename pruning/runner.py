@@ -1,0 +1,132 @@
+"""Inference runners that remove per-call host overhead: CUDA graphs for prefill and for decode steps
+with a static KV cache. Dense and 2:4-sparse models run through the same runner, so comparisons are fair.
+
+On the CPU (or with ``use_graph=False``) the same code runs eagerly, which is how it is tested here.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` in 5.2x; accept either version."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _capture(fn, warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Run ``fn`` a few times on a side stream (allocations, cuSPARSELt plans, Triton compiles), then capture it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+class PrefillRunner:
+    """``model(input_ids)`` for one [batch, seqlen] shape, returning the last position's logits [batch, vocab]
+    (``logits_to_keep=1``: the full [B, T, vocab] projection is not part of a prefill)."""
+
+    def __init__(self, model: nn.Module, batch: int, seqlen: int, use_graph: bool | None = None):
+        self.model = model
+        device = _device(model)
+        self.use_graph = device.type == "cuda" if use_graph is None else use_graph
+        self.input_ids = torch.zeros(batch, seqlen, dtype=torch.long, device=device)
+        self.graph = None
+        if self.use_graph:
+            self.graph, self.logits = _capture(self._forward)
+
+    @torch.no_grad()
+    def _forward(self) -> torch.Tensor:
+        return self.model(input_ids=self.input_ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.input_ids.copy_(input_ids)
+        if self.graph is None:
+            return self._forward()
+        self.graph.replay()
+        return self.logits
+
+
+class GreedyDecoder:
+    """Greedy decoding with a static KV cache of ``max_len`` positions. The prompt is prefilled eagerly;
+    every later one-token step is one CUDA-graph replay (on CPU: the same step, eagerly)."""
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int, use_graph: bool | None = None):
+        from transformers import StaticCache
+
+        self.model = model
+        device = _device(model)
+        self.use_graph = device.type == "cuda" if use_graph is None else use_graph
+        self.batch, self.max_len = batch, max_len
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.cache_kwarg = _cache_kwarg(model)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph = None
+        self.length = 0
+
+    def _run(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=cache_position.unsqueeze(0).expand(input_ids.shape[0], -1),
+            cache_position=cache_position,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_kwarg: self.cache},
+        )
+        return out.logits[:, -1].argmax(dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Fill the cache with the prompt [batch, T]; returns the first generated token [batch, 1]."""
+        self.cache.reset()
+        length = input_ids.shape[1]
+        if input_ids.shape[0] != self.batch or length >= self.max_len:
+            raise ValueError(f"prompt must be [{self.batch}, < {self.max_len}], got {tuple(input_ids.shape)}")
+        positions = torch.arange(length, device=input_ids.device)
+        self.token.copy_(self._run(input_ids, positions))
+        self.length = length
+        return self.token.clone()
+
+    def _step(self) -> torch.Tensor:
+        return self._run(self.token, self.position)
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """Feed the last token, return the next one [batch, 1]."""
+        if self.length >= self.max_len:
+            raise ValueError(f"static cache of {self.max_len} positions is full")
+        self.position.fill_(self.length)
+        if self.use_graph and self.graph is None:
+            # Capturing runs the step (warm-up + capture write the cache at `position`, which the real step
+            # overwrites with the same values), so capture before the first real step.
+            self.graph, self.next_token = _capture(self._step)
+        if self.graph is None:
+            self.token.copy_(self._step())
+        else:
+            self.graph.replay()
+            self.token.copy_(self.next_token)
+        self.length += 1
+        return self.token.clone()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy continuation [batch, max_new_tokens] of the prompt."""
+        tokens = [self.prefill(input_ids)]
+        for _ in range(max_new_tokens - 1):
+            tokens.append(self.step())
+        return torch.cat(tokens, dim=1)
