@@ -15,7 +15,7 @@ setup(
         # Not pinned: GPU users keep the CUDA build of torch they already have.
         "torch>=2.3",
         "triton",
-        "transformers>=4.56"  # the dtype= keyword of from_pretrained,
+        "transformers>=4.56",  # the dtype= keyword of from_pretrained
         "accelerate",
         "datasets",
         "safetensors",

@@ -6,23 +6,24 @@ generates a few tokens, and validates the weights (dtype, no NaN/inf, how many e
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from torch import nn
 
 
 def run_check(argv: list[str]) -> int:
     from pruning.adapters import get_adapter
+    from pruning.cli import ArgumentParser
     from pruning.loading import load_config, load_model, load_tokenizer
 
-    parser = argparse.ArgumentParser(prog="wanda-prune check", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="wanda-prune check", description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--cache_dir", default="llm_weights")
     parser.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto")
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--max_new_tokens", type=int, default=16)
     args = parser.parse_args(argv)
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
 
     config = load_config(args.model, args.cache_dir)
     adapter = get_adapter(config.model_type)

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -24,8 +25,15 @@ from pruning.config import BACKENDS, METHODS, PruneConfig
 log = logging.getLogger("pruning")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: one line, ``error: ...``, exit status 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="wanda-prune",
         description="Prune a Hugging Face causal LM with Wanda, SparseGPT or magnitude (locuslab/wanda's flags).",
         epilog="Subcommands: 'wanda-prune check MODEL' and 'wanda-prune demo'.",
@@ -58,12 +66,69 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _data_source(source: str) -> str:
+    """A hub dataset name as is; a local path with ``~`` expanded."""
+    from pruning.data import HUB_SOURCES
+
+    return source if source in HUB_SOURCES else os.path.expanduser(source)
+
+
+def _check_data_source(flag: str, source: str) -> None:
+    from pruning.data import HUB_SOURCES
+
+    if source in HUB_SOURCES or Path(source).exists():
+        return
+    raise ValueError(
+        f"{flag} {source!r}: no such file or directory; use {' or '.join(HUB_SOURCES)}, "
+        "or a local text/.json/.jsonl file or a directory of them"
+    )
+
+
+def _same_or_inside(path: Path, directory: Path) -> bool:
+    path, directory = path.resolve(), directory.resolve()
+    return path == directory or directory in path.parents
+
+
+def _check_output_paths(args: argparse.Namespace) -> None:
+    """--save_model replaces its directory (with --overwrite): never the model itself, nor --save's files."""
+    if not args.save_model:
+        return
+    save_model = Path(args.save_model).expanduser()
+    model_dir = Path(args.model).expanduser()
+    if model_dir.exists() and _same_or_inside(model_dir, save_model):
+        raise ValueError(
+            f"--save_model {args.save_model!r} would replace the model being pruned ({args.model!r}); "
+            "choose another directory"
+        )
+    if args.save and _same_or_inside(Path(args.save).expanduser(), save_model):
+        raise ValueError(
+            f"--save {args.save!r} is inside --save_model {args.save_model!r}, which the saved model replaces; "
+            "use separate directories"
+        )
+
+
 def validate_args(args: argparse.Namespace) -> PruneConfig:
-    """Everything checkable before a weight is loaded; returns the pruning config."""
+    """Everything checkable before a weight is loaded; returns the pruning config.
+
+    Runs first so that a mistake costs seconds, not a pruning job: flag values, optional dependencies
+    (lm-eval for --eval_zero_shot), local data paths, and output directories (created and write-tested).
+    """
+    if not 0.0 <= args.sparsity_ratio < 1.0:
+        raise ValueError(
+            f"--sparsity_ratio must be in [0, 1), e.g. 0.5 to prune half the weights; got {args.sparsity_ratio}"
+        )
     if args.nsamples <= 0:
-        raise ValueError(f"--nsamples must be positive, got {args.nsamples}")
+        raise ValueError(
+            f"--nsamples must be a positive number of calibration samples (Wanda uses 128), got {args.nsamples}"
+        )
     if args.seqlen is not None and args.seqlen < 2:
-        raise ValueError(f"--seqlen must be at least 2, got {args.seqlen}")
+        raise ValueError(f"--seqlen must be at least 2 tokens (or left out for the model's maximum), got {args.seqlen}")
+    if args.eval_batch_size <= 0:
+        raise ValueError(f"--eval_batch_size must be positive, got {args.eval_batch_size}")
+    if args.calib_batch_size is not None and args.calib_batch_size <= 0:
+        raise ValueError(
+            f"--calib_batch_size must be positive (or left out to size it from memory), got {args.calib_batch_size}"
+        )
     config = PruneConfig(
         method=args.prune_method,
         sparsity_ratio=args.sparsity_ratio,
@@ -74,6 +139,24 @@ def validate_args(args: argparse.Namespace) -> PruneConfig:
         calib_batch_size=args.calib_batch_size,
         offload=args.offload,
     )
+    if args.backend == "triton" and not torch.cuda.is_available():
+        from wanda_kernels._runtime import interpreting
+
+        if not interpreting():
+            raise ValueError("--backend triton needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU); use --backend torch")
+    if args.eval_zero_shot:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "--eval_zero_shot needs lm-eval, which is not installed: pip install -e '.[eval]' "
+                "(or run without --eval_zero_shot)"
+            ) from None
+    if needs_calibration(config):
+        _check_data_source("--calib_dataset", _data_source(args.calib_dataset))
+    if args.eval_dataset.lower() != "none":
+        _check_data_source("--eval_dataset", _data_source(args.eval_dataset))
+    _check_output_paths(args)
     if args.save:
         from pruning.outputs import check_save_dir
 
@@ -85,25 +168,49 @@ def validate_args(args: argparse.Namespace) -> PruneConfig:
     return config
 
 
+def needs_calibration(config: PruneConfig) -> bool:
+    return config.method != "magnitude" and config.sparsity_ratio > 0
+
+
 def resolve_seqlen(requested: int | None, model_config) -> int:
     max_positions = getattr(model_config, "max_position_embeddings", None) or 2048
     if requested is None:
         # The reference uses max_position_embeddings uncapped: 131072 for Llama-3, a 128 GiB allocation.
         return min(max_positions, 4096)
     if requested > max_positions:
-        raise ValueError(f"--seqlen {requested} exceeds the model's max_position_embeddings ({max_positions})")
+        raise ValueError(
+            f"--seqlen {requested} exceeds the model's max_position_embeddings ({max_positions}); "
+            f"use --seqlen {max_positions} or less"
+        )
     return requested
 
 
-def evaluate_ppl(model, tokenizer, args, seqlen: int) -> float | None:
+def load_eval_ids(args: argparse.Namespace, tokenizer, seqlen: int) -> torch.Tensor | None:
+    """The evaluation tokens, loaded before pruning so that missing data cannot fail the job at its end."""
     if args.eval_dataset.lower() == "none":
         return None
+    from pruning.data import DataError, get_eval_ids
+
+    source = _data_source(args.eval_dataset)
+    try:
+        ids = get_eval_ids(source, tokenizer, cache_dir=args.cache_dir, seqlen=seqlen)
+    except DataError as err:
+        raise ValueError(f"--eval_dataset: {err}") from None
+    if ids.shape[1] < seqlen:
+        raise ValueError(
+            f"--eval_dataset {args.eval_dataset!r} has only {ids.shape[1]} tokens, fewer than --seqlen {seqlen}; "
+            "use a longer text or a smaller --seqlen"
+        )
+    return ids
+
+
+def evaluate_ppl(model, ids: torch.Tensor | None, args: argparse.Namespace, seqlen: int) -> float | None:
+    if ids is None:
+        return None
     from pruning.adapters import get_adapter
-    from pruning.data import get_eval_ids
     from pruning.evaluate import perplexity
     from pruning.layerwise import layerwise_perplexity, module_device
 
-    ids = get_eval_ids(args.eval_dataset, tokenizer, cache_dir=args.cache_dir, seqlen=seqlen)
     adapter = get_adapter(model)
     if module_device(adapter.layers(model)[0]).type == "cpu" and torch.cuda.is_available():
         return layerwise_perplexity(model, adapter, ids, seqlen, args.eval_batch_size)
@@ -111,7 +218,8 @@ def evaluate_ppl(model, tokenizer, args, seqlen: int) -> float | None:
 
 
 def run_prune(args: argparse.Namespace) -> dict:
-    from pruning.data import get_calibration_ids
+    """Validate, load, prune, evaluate, then write --save / --save_model before the optional zero-shot step."""
+    from pruning.data import DataError, get_calibration_ids
     from pruning.driver import prune_model
     from pruning.loading import load_config, load_model, load_tokenizer
     from pruning.outputs import save_model_atomically, versions, write_metrics, write_wanda_log
@@ -123,17 +231,26 @@ def run_prune(args: argparse.Namespace) -> dict:
     seqlen = resolve_seqlen(args.seqlen, model_config)
     tokenizer = load_tokenizer(args.model, args.cache_dir)
     calibration_ids = None
-    if config.method != "magnitude" and config.sparsity_ratio > 0:
-        calibration_ids = get_calibration_ids(
-            args.calib_dataset, tokenizer, args.nsamples, seqlen, seed=args.seed, cache_dir=args.cache_dir
-        )
+    if needs_calibration(config):
+        try:
+            calibration_ids = get_calibration_ids(
+                _data_source(args.calib_dataset),
+                tokenizer,
+                args.nsamples,
+                seqlen,
+                seed=args.seed,
+                cache_dir=args.cache_dir,
+            )
+        except DataError as err:
+            raise ValueError(f"--calib_dataset: {err}") from None
+    eval_ids = load_eval_ids(args, tokenizer, seqlen)
     torch.manual_seed(args.seed)
     model = load_model(args.model, args.cache_dir, args.dtype, args.device_map, args.offload)
     log.info("loaded %s (%s) in %.1f s", args.model, model_config.model_type, time.perf_counter() - started)
 
     metrics: dict = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "versions": versions()}
     if args.eval_dense:
-        metrics["ppl_dense"] = evaluate_ppl(model, tokenizer, args, seqlen)
+        metrics["ppl_dense"] = evaluate_ppl(model, eval_ids, args, seqlen)
         log.info("dense perplexity: %s", metrics["ppl_dense"])
     report = prune_model(model, calibration_ids, **{k: getattr(config, k) for k in vars(config)})
     metrics["prune"] = report.to_dict()
@@ -142,27 +259,38 @@ def run_prune(args: argparse.Namespace) -> dict:
     print(f"sparsity sanity check {sparsity:.4f}")
     print("*" * 30)
     metrics["actual_sparsity"] = sparsity
-    metrics["ppl_test"] = evaluate_ppl(model, tokenizer, args, seqlen)
-    print(
-        f"wikitext perplexity {metrics['ppl_test']}"
-        if args.eval_dataset == "wikitext2"
-        else f"{args.eval_dataset} perplexity {metrics['ppl_test']}"
-    )
-    if args.eval_zero_shot:
-        from pruning.evaluate import zero_shot
-
-        metrics["zero_shot"] = zero_shot(model, tokenizer)
-        print(f"zero-shot: {metrics['zero_shot']}")
+    metrics["ppl_test"] = evaluate_ppl(model, eval_ids, args, seqlen)
+    if eval_ids is not None:
+        name = "wikitext" if args.eval_dataset == "wikitext2" else args.eval_dataset
+        print(f"{name} perplexity {metrics['ppl_test']}")
     metrics["total_seconds"] = time.perf_counter() - started
-    if args.save:
-        save_dir = Path(args.save).expanduser()
+    # Results are written before zero-shot evaluation (slow, and it downloads task data): it cannot lose them.
+    save_dir = Path(args.save).expanduser() if args.save else None
+    if save_dir:
         write_wanda_log(save_dir, config.method, sparsity, metrics["ppl_test"])
         write_metrics(save_dir, metrics)
         log.info("wrote %s", save_dir)
     if args.save_model:
         target = save_model_atomically(model, tokenizer, Path(args.save_model).expanduser(), args.overwrite)
         log.info("saved the pruned model to %s", target)
+    if args.eval_zero_shot:
+        from pruning.evaluate import zero_shot
+
+        try:
+            metrics["zero_shot"] = zero_shot(model, tokenizer)
+        except Exception as err:
+            kept = [str(p) for p in (save_dir, args.save_model) if p]
+            saved = f"; the pruning results are saved in {', '.join(kept)}" if kept else ""
+            raise ValueError(f"zero-shot evaluation failed ({type(err).__name__}: {_first_line(err)}){saved}") from err
+        print(f"zero-shot: {metrics['zero_shot']}")
+        metrics["total_seconds"] = time.perf_counter() - started
+        if save_dir:
+            write_metrics(save_dir, metrics)
     return metrics
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,12 +307,16 @@ def main(argv: list[str] | None = None) -> int:
             return run_check(argv[1:])
         run_prune(build_parser().parse_args(argv))
         return 0
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, ImportError) as err:
         if os.environ.get("WANDA_DEBUG"):
             raise
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {_first_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if os.environ.get("WANDA_DEBUG"):
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

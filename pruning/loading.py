@@ -1,8 +1,15 @@
-"""Loading models and tokenizers with ``from_pretrained``, offline-friendly, with one-line errors."""
+"""Loading models and tokenizers with ``from_pretrained``, offline-friendly, with one-line errors.
+
+A hub id is only looked up on the Hub when the Hub answers: with ``HF_HUB_OFFLINE=1`` or no network, loading
+goes straight to the local cache (``local_files_only``), so an offline machine fails in seconds, not after
+minutes of HTTP retries.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -13,6 +20,7 @@ from pruning.adapters import get_adapter
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_TRUE = ("1", "on", "yes", "true")
 
 
 def _looks_like_path(name: str) -> bool:
@@ -20,13 +28,70 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
 
 
-def _not_found(name: str, cache_dir: str | None, err: Exception) -> ValueError:
-    if _looks_like_path(name) and not Path(name).expanduser().exists():
-        return ValueError(f"cannot load model {name!r}: no such directory")
-    where = f" or in --cache_dir {cache_dir}" if cache_dir else " or in the Hugging Face cache"
+def hub_offline_mode() -> bool:
+    """``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set, read now (huggingface_hub reads them once, at import)."""
+    from huggingface_hub import constants
+
+    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").strip().lower()
+    return constants.HF_HUB_OFFLINE or env in _TRUE
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_answers() -> bool:
+    from pruning.data import _hub_reachable
+
+    return _hub_reachable()
+
+
+def hub_available() -> bool:
+    """Whether a hub id can be looked up online: not in offline mode, and the endpoint answers a quick probe."""
+    if hub_offline_mode():
+        return False
+    reachable = _hub_answers()
+    if not reachable:
+        log.debug("the Hugging Face Hub does not answer: loading from the local cache only")
+    return reachable
+
+
+def _source(name: str) -> tuple[str, dict]:
+    """The name to pass to ``from_pretrained`` (a path with ``~`` expanded) and ``local_files_only`` if needed."""
+    path = Path(name).expanduser()
+    if _looks_like_path(name):
+        return str(path), {"local_files_only": True}
+    return name, ({} if hub_available() else {"local_files_only": True})
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _not_found(name: str, cache_dir: str | None, err: Exception, offline: bool) -> ValueError:
+    """A one-line error saying why ``name`` did not load and what to pass instead (``offline``: cache only)."""
+    path = Path(name).expanduser()
+    if _looks_like_path(name):
+        if not path.exists():
+            return ValueError(
+                f"cannot load model {name!r}: no such directory; pass a local model directory "
+                "(saved with save_pretrained) or a Hugging Face id such as facebook/opt-125m"
+            )
+        if not path.is_dir():
+            return ValueError(f"cannot load model {name!r}: not a directory; pass the model's directory")
+        if not (path / "config.json").is_file():
+            return ValueError(
+                f"cannot load model {name!r}: the directory has no config.json, so it is not a Hugging Face "
+                "model directory; pass the directory that save_pretrained wrote"
+            )
+        return ValueError(f"cannot load model {name!r}: {_first_line(err)}")
+    cache = f"--cache_dir {cache_dir}" if cache_dir else "the Hugging Face cache"
+    if offline:
+        why = "offline mode is set" if hub_offline_mode() else "the Hugging Face Hub is unreachable"
+        return ValueError(
+            f"cannot load model {name!r}: not in {cache} and {why}; download it where there is network "
+            "(or fix the id) and pass its local directory to --model"
+        )
     return ValueError(
-        f"cannot load model {name!r}: not found locally{where}, and the hub is unreachable or the id is wrong "
-        f"({type(err).__name__}). Download it where there is network and pass its local directory to --model"
+        f"cannot load model {name!r} from the Hugging Face Hub ({type(err).__name__}: {_first_line(err)}); "
+        "check the id, and log in with `hf auth login` for gated models"
     )
 
 
@@ -34,10 +99,11 @@ def load_config(name: str, cache_dir: str | None = None):
     """The model's config (cheap: no weights), so an unsupported architecture fails before any download."""
     from transformers import AutoConfig
 
+    source, kwargs = _source(name)
     try:
-        config = AutoConfig.from_pretrained(name, cache_dir=cache_dir)
+        config = AutoConfig.from_pretrained(source, cache_dir=cache_dir, **kwargs)
     except (OSError, ValueError) as err:
-        raise _not_found(name, cache_dir, err) from None
+        raise _not_found(name, cache_dir, err, "local_files_only" in kwargs) from None
     get_adapter(config.model_type)  # raises UnsupportedModelError listing what is supported
     return config
 
@@ -45,10 +111,14 @@ def load_config(name: str, cache_dir: str | None = None):
 def load_tokenizer(name: str, cache_dir: str | None = None):
     from transformers import AutoTokenizer
 
+    source, kwargs = _source(name)
     try:
-        return AutoTokenizer.from_pretrained(name, cache_dir=cache_dir)
+        return AutoTokenizer.from_pretrained(source, cache_dir=cache_dir, **kwargs)
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load the tokenizer of {name!r}: {err}".splitlines()[0]) from None
+        raise ValueError(
+            f"cannot load the tokenizer of {name!r}: {_first_line(err)}; the model directory needs the "
+            "tokenizer files that tokenizer.save_pretrained writes"
+        ) from None
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -66,13 +136,14 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     torch_dtype = resolve_dtype(dtype)
-    kwargs = {"cache_dir": cache_dir, "dtype": torch_dtype, "low_cpu_mem_usage": True}
+    source, kwargs = _source(name)
+    kwargs.update(cache_dir=cache_dir, dtype=torch_dtype, low_cpu_mem_usage=True)
     if device_map:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
-        raise _not_found(name, cache_dir, err) from None
+        raise _not_found(name, cache_dir, err, "local_files_only" in kwargs) from None
     model.eval()
     if device_map or not torch.cuda.is_available():
         return model

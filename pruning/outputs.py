@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -12,17 +13,24 @@ from pathlib import Path
 def check_save_dir(path: str) -> Path:
     """Create ``--save`` now and prove it is writable, so a long run cannot fail at its very end."""
     directory = Path(path).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"--save {str(directory)!r} is a file, not a directory; choose a directory for the results")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
             pass
     except OSError as err:
-        raise ValueError(f"cannot write to --save directory {str(directory)!r}: {err.strerror or err}") from None
+        raise ValueError(
+            f"cannot write to --save directory {str(directory)!r}: {err.strerror or err}; choose a writable directory"
+        ) from None
     return directory
 
 
 def check_save_model_dir(path: str, overwrite: bool) -> Path:
+    """Refuse an existing ``--save_model`` without ``overwrite``, and prove its parent is writable (creating it)."""
     target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"--save_model {str(target)!r} is a file, not a directory; choose another path")
     if target.exists() and not overwrite:
         raise ValueError(f"--save_model directory {str(target)!r} already exists; pass --overwrite to replace it")
     parent = target.parent
@@ -31,16 +39,17 @@ def check_save_model_dir(path: str, overwrite: bool) -> Path:
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-"):
             pass
     except OSError as err:
-        raise ValueError(f"cannot write --save_model into {str(parent)!r}: {err.strerror or err}") from None
+        raise ValueError(
+            f"cannot write --save_model into {str(parent)!r}: {err.strerror or err}; choose a writable directory"
+        ) from None
     return target
 
 
 def write_wanda_log(directory: Path, method: str, actual_sparsity: float, ppl_test: float | None) -> Path:
     """``log_{method}.txt`` with locuslab/wanda's columns: method, actual_sparsity, ppl_test."""
-    path = directory / f"log_{method}.txt"
     ppl = "nan" if ppl_test is None else f"{ppl_test:.4f}"
-    path.write_text(f"method\tactual_sparsity\tppl_test\n{method}\t{actual_sparsity:.4f}\t{ppl}\n", encoding="utf-8")
-    return path
+    text = f"method\tactual_sparsity\tppl_test\n{method}\t{actual_sparsity:.4f}\t{ppl}\n"
+    return _write_atomically(directory / f"log_{method}.txt", text)
 
 
 def versions() -> dict[str, str | None]:
@@ -63,18 +72,29 @@ def versions() -> dict[str, str | None]:
     }
 
 
-def write_metrics(directory: Path, metrics: dict) -> Path:
-    path = directory / "metrics.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str), encoding="utf-8")
+def _write_atomically(path: Path, text: str) -> Path:
+    """Write a sibling temporary file, then rename it over ``path``: readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def write_metrics(directory: Path, metrics: dict) -> Path:
+    return _write_atomically(directory / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=str))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_model_atomically(model, tokenizer, target: Path, overwrite: bool) -> Path:
     """Write into a temporary sibling directory, then rename: a crash never leaves a half-written model,
     and an existing directory is only replaced (with --overwrite) once the new one is complete."""
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the saved model gets a plain mkdir's permissions
     try:
         model.save_pretrained(staging)
         if tokenizer is not None:
@@ -82,15 +102,23 @@ def save_model_atomically(model, tokenizer, target: Path, overwrite: bool) -> Pa
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if target.exists():
-        if not overwrite:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise ValueError(f"--save_model directory {str(target)!r} appeared during the run; not replacing it")
-        backup = target.with_name(f".{target.name}.old")
-        shutil.rmtree(backup, ignore_errors=True)
-        target.rename(backup)
+    if not target.exists():
         staging.rename(target)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
+        return target
+    if not overwrite or not target.is_dir():
+        # Keep the new model: it may be hours of work. The user moves it where it belongs.
+        raise ValueError(
+            f"--save_model {str(target)!r} appeared during the run and is not replaced; "
+            f"the pruned model is in {str(staging)!r}"
+        )
+    # A name no one else uses (unique like the staging name), so nothing that was there is deleted by mistake.
+    backup = staging.with_name(staging.name.replace(".partial-", ".old-", 1))
+    target.rename(backup)
+    try:
         staging.rename(target)
+    except BaseException:
+        backup.rename(target)  # put the previous model back
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
     return target
