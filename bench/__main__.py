@@ -1,8 +1,11 @@
 """The GPU entry point: ``python -m bench [suite ...] [--smoke] [--out FILE]``.
 
+Suites, all by default in this order: ``kernels`` (each op on real layer shapes, bench/kernels.py), ``e2e``
+(whole ``prune_model`` runs on random-weight OPTs against locuslab/wanda's code path, bench/e2e.py) and
+``inference`` (2:4 sparse vs dense: per-Linear and whole-model prefill/decode, bench/inference.py).
 Without CUDA it runs the smoke mode (tiny shapes, Triton interpreter, plain timer), which exists to keep
-the harness itself tested in CI; its timings mean nothing. Results append to bench/results/ as JSON
-lines named by date and device, then print as a table.
+the harness itself tested in CI; its timings mean nothing. Each record is appended to bench/results/ (JSON
+lines named by date and device) as soon as it is measured; all of them print as a table at the end.
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-SUITES = ("kernels",)
+SUITES = ("kernels", "e2e", "inference")
+
+
+def _model_list(text: str) -> tuple[str, ...] | None:
+    return () if text == "none" else tuple(name for name in text.split(",") if name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,30 +35,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON-lines file (default: bench/results/DATE_DEVICE.jsonl)"
     )
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--reps", type=int, default=20, help="kernels: timed repetitions per op")
+    parser.add_argument(
+        "--inference-models",
+        default="opt-6.7b,opt-13b,llama-7b",
+        help="inference: comma-separated models for the whole-model part ('none': per-Linear part only)",
+    )
+    from bench import e2e
+
+    e2e.add_arguments(parser)
     args = parser.parse_args(argv)
     unknown = sorted(set(args.suites) - set(SUITES))
     if unknown:
         parser.error(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    from bench import kernels
+    from bench import inference, kernels
     from bench.records import default_results_path, environment, write_jsonl
     from bench.report import format_table
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     smoke = args.smoke or device.type != "cuda"
     env = environment(device)
+    out = args.out or default_results_path({**env, "device": env["device"] if not smoke else "cpu-smoke"})
+    suites = {
+        "kernels": lambda: kernels.run(device, smoke=smoke, reps=3 if smoke else args.reps),
+        "e2e": lambda: e2e.iter_from_args(device, smoke, args),
+        "inference": lambda: inference.run(device, smoke, models=_model_list(args.inference_models)),
+    }
     records = []
     for suite in args.suites:
-        suite_records = {"kernels": kernels.run}[suite](device, smoke=smoke, reps=3 if smoke else args.reps)
-        records += [{**r, **env, "mode": "smoke" if smoke else "gpu"} for r in suite_records]
-    out = args.out or default_results_path({**env, "device": env["device"] if not smoke else "cpu-smoke"})
-    write_jsonl(records, out)
+        for r in suites[suite]():
+            record = {**r, **env, "mode": "smoke" if smoke else "gpu"}
+            write_jsonl([record], out)  # one at a time: a run cut off by a timeout keeps what it measured
+            records.append(record)
     print(format_table(records))
     print(f"\n{len(records)} records appended to {out}")
     if not all(r["correct"] in (True, None) for r in records):
-        print("MISMATCH: some provider disagrees with the torch reference (column 'correct')", file=sys.stderr)
+        print("MISMATCH: some provider disagrees with its reference (column 'correct')", file=sys.stderr)
         return 1
     return 0
 

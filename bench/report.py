@@ -1,13 +1,19 @@
-"""Print benchmark records as a table (separate from measuring): ``python -m bench.report FILE``."""
+"""Print benchmark records as a table (separate from measuring): ``python -m bench.report FILE``.
+
+One table per suite, in order of first appearance, each with the columns that suite's records carry.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.records import read_jsonl
 
-COLUMNS = [
+Column = tuple[str, str | Callable[[object], str]]  # record key, format string or formatter
+
+COLUMNS: list[Column] = [
     ("suite", "{}"),
     ("op", "{}"),
     ("provider", "{}"),
@@ -21,19 +27,64 @@ COLUMNS = [
     ("correct", "{}"),
 ]
 
+# Whole pruning runs: one wall time each, the peak memory, and how far the two providers' masks agree.
+E2E_COLUMNS: list[Column] = [
+    ("suite", "{}"),
+    ("op", "{}"),
+    ("provider", "{}"),
+    ("label", "{}"),
+    ("shape", "{}"),
+    ("dtype", "{}"),
+    ("seconds", "{:.2f}"),
+    ("peak_gpu_memory_bytes", lambda v: f"{v / 2**30:.1f} GiB"),
+    ("actual_sparsity", "{:.4f}"),
+    ("speedup_vs_reference", "{:.2f}x"),
+    ("mask_diff_layer0", "{:.1e}"),
+    ("mask_diff_fraction", "{:.1e}"),
+    ("correct", "{}"),
+]
 
-def format_table(records: list[dict]) -> str:
-    rows = [[name for name, _ in COLUMNS]]
-    for r in records:
-        cells = []
-        for name, fmt in COLUMNS:
-            value = r.get(name)
-            cells.append("-" if value is None else fmt.format("x".join(map(str, value)) if name == "shape" else value))
-        rows.append(cells)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+# Sparse vs dense inference: time per call (per token for decode), tokens/s, speed-up over dense.
+INFERENCE_COLUMNS: list[Column] = [
+    ("suite", "{}"),
+    ("op", "{}"),
+    ("provider", "{}"),
+    ("label", "{}"),
+    ("shape", "{}"),
+    ("dtype", "{}"),
+    ("median_ms", "{:.3f}"),
+    ("tokens_per_s", "{:.0f}"),
+    ("speedup_vs_reference", "{:.2f}x"),
+    ("correct", "{}"),
+]
+
+COLUMNS_BY_SUITE: dict[str | None, list[Column]] = {"e2e": E2E_COLUMNS, "inference": INFERENCE_COLUMNS}
+
+
+def _cell(name: str, fmt, value) -> str:
+    if value is None:
+        return "-"
+    if name == "shape":
+        value = "x".join(map(str, value))
+    return fmt(value) if callable(fmt) else fmt.format(value)
+
+
+def _table(records: list[dict], columns: list[Column]) -> str:
+    rows = [[name for name, _ in columns]]
+    rows += [[_cell(name, fmt, r.get(name)) for name, fmt in columns] for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def format_table(records: list[dict]) -> str:
+    by_suite: dict[str | None, list[dict]] = {}
+    for r in records:
+        by_suite.setdefault(r.get("suite"), []).append(r)
+    if not by_suite:
+        return _table([], COLUMNS)
+    return "\n\n".join(_table(rs, COLUMNS_BY_SUITE.get(suite, COLUMNS)) for suite, rs in by_suite.items())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ class DecoderShape:
     n_layers: int
     kv_dim: int | None = None  # grouped-query attention: k/v projection width
     gated: bool = False  # LLaMA's gate/up/down MLP instead of OPT's fc1/fc2
+    n_heads: int = 0  # attention heads (what a random-weight model of these dims needs; bench/e2e.py)
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """Linear name -> (out_features, in_features) for one decoder layer."""
@@ -31,19 +32,19 @@ class DecoderShape:
 
 
 MODELS: dict[str, DecoderShape] = {
-    "opt-125m": DecoderShape(768, 3072, 12),
-    "opt-350m": DecoderShape(1024, 4096, 24),
-    "opt-1.3b": DecoderShape(2048, 8192, 24),
-    "opt-2.7b": DecoderShape(2560, 10240, 32),
-    "opt-6.7b": DecoderShape(4096, 16384, 32),
-    "opt-13b": DecoderShape(5120, 20480, 40),
-    "opt-30b": DecoderShape(7168, 28672, 48),
-    "opt-66b": DecoderShape(9216, 36864, 64),
-    "llama-7b": DecoderShape(4096, 11008, 32, gated=True),
-    "llama-13b": DecoderShape(5120, 13824, 40, gated=True),
-    "llama-30b": DecoderShape(6656, 17920, 60, gated=True),
-    "llama-65b": DecoderShape(8192, 22016, 80, gated=True),
-    "llama-2-70b": DecoderShape(8192, 28672, 80, kv_dim=1024, gated=True),
+    "opt-125m": DecoderShape(768, 3072, 12, n_heads=12),
+    "opt-350m": DecoderShape(1024, 4096, 24, n_heads=16),
+    "opt-1.3b": DecoderShape(2048, 8192, 24, n_heads=32),
+    "opt-2.7b": DecoderShape(2560, 10240, 32, n_heads=32),
+    "opt-6.7b": DecoderShape(4096, 16384, 32, n_heads=32),
+    "opt-13b": DecoderShape(5120, 20480, 40, n_heads=40),
+    "opt-30b": DecoderShape(7168, 28672, 48, n_heads=56),
+    "opt-66b": DecoderShape(9216, 36864, 64, n_heads=72),
+    "llama-7b": DecoderShape(4096, 11008, 32, gated=True, n_heads=32),
+    "llama-13b": DecoderShape(5120, 13824, 40, gated=True, n_heads=40),
+    "llama-30b": DecoderShape(6656, 17920, 60, gated=True, n_heads=52),
+    "llama-65b": DecoderShape(8192, 22016, 80, gated=True, n_heads=64),
+    "llama-2-70b": DecoderShape(8192, 28672, 80, kv_dim=1024, gated=True, n_heads=64),
 }
 
 # The matrices the kernel suite times on a GPU: the anchors of ../shared/GPU_NOTES.md plus the

@@ -29,7 +29,14 @@ from pruning.layerwise import (
     on_device,
     run_layer,
 )
-from pruning.methods import accumulate_hessian_, kernel_ops, prune_magnitude_, prune_sparsegpt_, prune_wanda_
+from pruning.methods import (
+    accumulate_hessian_,
+    kernel_ops,
+    prune_magnitude_,
+    prune_sparsegpt_,
+    prune_wanda_,
+    sparsegpt_inverse_hessian,
+)
 from pruning.sparsity import check_sparsity, layer_sparsity
 
 log = logging.getLogger(__name__)
@@ -134,7 +141,12 @@ class _GroupStatistics:
             self.n_seen = accumulate_hessian_(self.hessian, x, self.n_seen)
 
 
-def _prune_linear(linear: nn.Linear, stats: _GroupStatistics | None, config: PruneConfig, backend: str) -> None:
+MAX_TRITON_SPARSEGPT_BLOCK = 512  # the block kernel keeps a row tile of this many columns in registers
+
+
+def _prune_linear(
+    linear: nn.Linear, stats: _GroupStatistics | None, config: PruneConfig, backend: str, hinv=None
+) -> None:
     n, m = config.nm
     weight = linear.weight.data
     if config.method == "magnitude":
@@ -142,7 +154,10 @@ def _prune_linear(linear: nn.Linear, stats: _GroupStatistics | None, config: Pru
     elif config.method == "wanda":
         prune_wanda_(weight, stats.act_sq_norms, config.sparsity_ratio, n, m, config.use_variant, backend=backend)
     else:
-        prune_sparsegpt_(weight, stats.hessian, config.sparsity_ratio, n, m, config.blocksize, config.percdamp)
+        sparsegpt_backend = backend if config.blocksize <= MAX_TRITON_SPARSEGPT_BLOCK else "torch"
+        prune_sparsegpt_(
+            weight, None, config.sparsity_ratio, n, m, config.blocksize, hinv=hinv, backend=sparsegpt_backend
+        )
 
 
 def _collect_and_prune(
@@ -167,8 +182,16 @@ def _collect_and_prune(
         for h in handles:
             h.remove()
     for group in groups:
+        group_stats = stats[group[0]]
+        hinv = None
+        if config.method == "sparsegpt":
+            # One damped Cholesky factorization per input group (q/k/v share it); the Hessian's storage
+            # is its workspace, since nothing reads the Hessian afterwards.
+            hinv = sparsegpt_inverse_hessian(group_stats.hessian, config.percdamp, inplace=True)
+            group_stats.hessian = None
         for name in group:
-            _prune_linear(modules[name], stats[group[0]], config, backend)
+            _prune_linear(modules[name], group_stats, config, backend, hinv)
+        del hinv
     del stats
 
 

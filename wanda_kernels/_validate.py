@@ -51,3 +51,37 @@ def check_nm(n: int, m: int, n_cols: int) -> None:
         raise ValueError(f"N:M sparsity needs 0 <= n < m, got n={n}, m={m}")
     if n_cols % m != 0:
         raise ValueError(f"in_features ({n_cols}) must be a multiple of m ({m}) for {n}:{m} sparsity")
+
+
+def check_sparsegpt_block(
+    w_block: torch.Tensor, hinv_block: torch.Tensor, mask: torch.Tensor | None, n: int, m: int
+) -> None:
+    """Arguments of ``sparsegpt_block_``: fp32 [O, B] block, fp32 [B, B] factor, and a mask xor N:M."""
+    if not isinstance(w_block, torch.Tensor) or w_block.ndim != 2 or w_block.dtype != torch.float32:
+        got = f"shape {tuple(w_block.shape)} {w_block.dtype}" if isinstance(w_block, torch.Tensor) else type(w_block)
+        raise ValueError(f"w_block must be a 2-D float32 tensor [rows, block] (the fp32 working copy), got {got}")
+    width = w_block.shape[1]
+    if not isinstance(hinv_block, torch.Tensor) or hinv_block.shape != (width, width):
+        got = tuple(hinv_block.shape) if isinstance(hinv_block, torch.Tensor) else type(hinv_block)
+        raise ValueError(f"hinv_block must be [{width}, {width}] (w_block's width), got {got}")
+    if hinv_block.dtype != torch.float32:
+        raise ValueError(f"hinv_block must be float32, got {hinv_block.dtype}")
+    if hinv_block.device != w_block.device:
+        raise ValueError(f"hinv_block is on {hinv_block.device} but w_block is on {w_block.device}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != w_block.shape:
+            got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask)
+            raise ValueError(f"mask must be a bool tensor of w_block's shape {tuple(w_block.shape)}, got {got}")
+        if mask.device != w_block.device:
+            raise ValueError(f"mask is on {mask.device} but w_block is on {w_block.device}")
+        if n or m:
+            raise ValueError(f"pass either mask (unstructured) or n and m (N:M), not both; got n={n}, m={m}")
+        return
+    if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int):
+        raise ValueError(f"n and m must be ints, got n={n!r}, m={m!r}")
+    if m <= 0:
+        raise ValueError(f"mask is None, so n and m (N:M) are required; got n={n}, m={m}")
+    if not 0 <= n < m:
+        raise ValueError(f"N:M sparsity needs 0 <= n < m, got n={n}, m={m}")
+    if width % m:
+        raise ValueError(f"w_block width ({width}) must be a multiple of m ({m}) so N:M groups do not straddle blocks")

@@ -8,6 +8,8 @@ written for clarity (sort, topk, broadcasting), not speed, and follow locuslab/w
   lower column index is pruned first (a stable ascending sort, ``torch.sort(..., stable=True)``).
 * N:M: in each group of ``m`` consecutive columns prune the ``n`` smallest, ties to the lower index.
 * Magnitude: one threshold per matrix, ``|w| <= sort(|W|)[int(numel * sparsity)]``.
+* SparseGPT block: the published column loop of one block (OBS updates with U, the upper Cholesky factor of
+  H^-1), N:M groups chosen by a stable sort of ``w^2 / U_jj^2`` as the pruning method does.
 
 Ordering of non-finite scores follows ``torch.sort``: NaN ranks above +inf, so NaN and inf entries are
 pruned last (a NaN weight is never silently hidden by pruning it first). ``-0.0`` ranks equal to ``+0.0``.
@@ -22,6 +24,7 @@ from wanda_kernels._validate import (
     check_act_sq_norms,
     check_matrix,
     check_nm,
+    check_sparsegpt_block,
     check_sparsity,
 )
 
@@ -150,3 +153,37 @@ def sparse24_linear_torch(
 ) -> torch.Tensor:
     """``F.linear(x, unpack_24(values, meta), bias)``: the dense-with-zeros weight, exactly."""
     return torch.nn.functional.linear(x, unpack_24_torch(values, meta), bias)
+
+
+def sparsegpt_block_torch(
+    w_block: torch.Tensor, hinv_block: torch.Tensor, mask: torch.Tensor | None = None, n: int = 0, m: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SparseGPT block (IST-DASLab/sparsegpt ``fasterprune``'s column loop). ``w_block`` fp32 [O, B] becomes Q.
+
+    ``hinv_block`` is the block's [B, B] tile of U, the upper Cholesky factor of H^-1. Unstructured: ``mask``
+    bool [O, B] is the caller's selection. N:M (``mask=None``): every ``m`` columns, the ``n`` smallest
+    ``w^2 / U_jj^2`` of the updated weights (stable sort: ties to the lower column). For each column ``i``:
+    ``q = w`` with pruned entries zeroed, ``err = (w - q) / U_ii``, ``W[:, i:] -= err U[i, i:]``.
+    Returns ``(err, mask)``, err fp32 [O, B].
+    """
+    check_sparsegpt_block(w_block, hinv_block, mask, n, m)
+    n_rows, width = w_block.shape
+    select_nm = mask is None
+    if select_nm:
+        mask = torch.zeros(n_rows, width, dtype=torch.bool, device=w_block.device)
+    work = w_block.clone()
+    q_block = torch.zeros_like(work)
+    err_block = torch.zeros_like(work)
+    hinv_diag = torch.diagonal(hinv_block)
+    for i in range(width):
+        if select_nm and i % m == 0:
+            saliency = work[:, i : i + m] ** 2 / hinv_diag[i : i + m].reshape((1, -1)) ** 2
+            mask[:, i : i + m].scatter_(1, torch.sort(saliency, dim=1, stable=True)[1][:, :n], True)
+        w = work[:, i]
+        q = w.masked_fill(mask[:, i], 0)
+        err = (w - q) / hinv_block[i, i]
+        work[:, i:] -= err.unsqueeze(1).matmul(hinv_block[i, i:].unsqueeze(0))  # rounded product, then subtract
+        q_block[:, i] = q
+        err_block[:, i] = err
+    w_block.copy_(q_block)
+    return err_block, mask

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from pruning.methods.magnitude import prune_magnitude_
 from pruning.methods.ops import BACKENDS, KernelOps, kernel_ops
-from pruning.methods.sparsegpt import accumulate_hessian_, prune_sparsegpt_
+from pruning.methods.sparsegpt import (
+    InverseHessian,
+    accumulate_hessian_,
+    prune_sparsegpt_,
+    sparsegpt_inverse_hessian,
+)
 from pruning.methods.wanda import prune_wanda_
 
 __all__ = [
     "BACKENDS",
+    "InverseHessian",
     "KernelOps",
     "accumulate_hessian_",
     "kernel_ops",
     "prune_magnitude_",
     "prune_sparsegpt_",
     "prune_wanda_",
+    "sparsegpt_inverse_hessian",
 ]

@@ -23,6 +23,7 @@ OP_NAMES: tuple[str, ...] = (
     "nm_mask",
     "magnitude_mask",
     "wanda_prune_",
+    "sparsegpt_block_",
 )
 
 
@@ -37,6 +38,7 @@ class KernelOps:
     nm_mask: Callable
     magnitude_mask: Callable
     wanda_prune_: Callable
+    sparsegpt_block_: Callable
 
 
 def kernel_ops(backend: str) -> KernelOps:

@@ -16,15 +16,33 @@ Deliberate differences from the published code (results are otherwise the same):
   warning; the reference crashes. ``sparsity == 0`` (or ``n == 0`` with N:M) prunes nothing and leaves the
   weight untouched, where the reference would still prune the smallest entry of every block.
 * The caller's Hessian is not modified unless ``inplace_hessian=True`` (the reference consumes it).
+
+Two backends compute the same thing. ``backend="torch"`` is the published loop above, one column at a time
+(a handful of tiny kernels per column). ``backend="triton"`` runs each block's whole column loop in one kernel
+(``wanda_kernels.sparsegpt_block_``: mask application, N:M selection, OBS updates, the pruned block Q and the
+errors, with the row tile in registers) and the lazy batch update ``W[:, i2:] -= Err @ U[i1:i2, i2:]`` as one
+in-place ``addmm_`` (cuBLAS SGEMM: the O(rows * in^2) bulk of the work, already at GEMM speed; ``addmm_``
+writes into the strided column slice without the temporary product and extra subtraction pass of
+``-= a @ b``). The unstructured block threshold is ``torch.kthvalue`` of the block's saliencies (the value the
+reference's full sort puts at index ``int(numel * sparsity)``), the comparison ``saliency <= threshold`` a torch
+elementwise op. (On CUDA, ``kthvalue`` of one long slice is a single-CTA radix select: if it shows up in a
+profile, ``torch.sort(...)[0][k]`` is the drop-in alternative.) The block kernel reproduces the torch loop's
+roundings op by op (IEEE divisions, no FMA contraction); the paths can differ only by the rounding of the lazy
+GEMM (one ``addmm_`` vs a product then a subtraction): bit-identical on the CPU, ~1 fp32 ulp at worst.
+
+The factorisation can be shared: Linears that read the same input (q/k/v, gate/up) have the same Hessian, so
+:func:`sparsegpt_inverse_hessian` can be called once per group and its result passed as ``hinv=``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 import torch
 
+from pruning.methods.ops import BACKENDS, kernel_ops
 from wanda_kernels._validate import check_matrix, check_nm, check_sparsity
 
 logger = logging.getLogger(__name__)
@@ -93,6 +111,78 @@ def _inverse_hessian_cholesky(
     )
 
 
+class InverseHessian(NamedTuple):
+    """The factorisation SparseGPT needs from a Hessian; shareable by every Linear that reads the same input."""
+
+    hinv: torch.Tensor  # fp32 [in, in]: U, the upper Cholesky factor of (H + damp I)^-1 (dead diagonal set to 1)
+    dead: torch.Tensor  # bool [in]: input columns never activated (H_jj == 0); their weights are zeroed
+    damp: float  # the damping added to the diagonal, after any retries
+
+
+def _check_hessian(hessian: torch.Tensor, n_cols: int | None = None) -> None:
+    if not isinstance(hessian, torch.Tensor) or hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
+        got = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
+        raise ValueError(f"hessian must be a square float32 matrix, got {got}")
+    if n_cols is not None and (hessian.shape != (n_cols, n_cols) or hessian.dtype != torch.float32):
+        raise ValueError(
+            f"hessian must be float32 [{n_cols}, {n_cols}] (in_features), got {tuple(hessian.shape)} {hessian.dtype}"
+        )
+    if hessian.dtype != torch.float32:
+        raise ValueError(f"hessian must be float32, got {hessian.dtype}")
+
+
+def _check_damping(percdamp: float, max_damp_retries: int) -> None:
+    if not (isinstance(percdamp, (int, float)) and math.isfinite(percdamp) and percdamp > 0):
+        raise ValueError(f"percdamp must be a positive number, got {percdamp!r}")
+    if isinstance(max_damp_retries, bool) or not isinstance(max_damp_retries, int) or max_damp_retries < 0:
+        raise ValueError(f"max_damp_retries must be a non-negative int, got {max_damp_retries!r}")
+
+
+def _check_finite(hessian: torch.Tensor) -> None:
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError("hessian contains NaN or inf: the calibration activations overflowed or are corrupt")
+
+
+def _factorize(hessian: torch.Tensor, percdamp: float, max_damp_retries: int, inplace: bool) -> InverseHessian:
+    h_work = hessian if inplace else hessian.clone()
+    dead = torch.diagonal(h_work) == 0
+    h_work[dead, dead] = 1
+    hinv, damp = _inverse_hessian_cholesky(h_work, percdamp, max_damp_retries)  # upper factor U
+    return InverseHessian(hinv, dead, damp)
+
+
+@torch.no_grad()
+def sparsegpt_inverse_hessian(
+    hessian: torch.Tensor, percdamp: float = 0.01, max_damp_retries: int = 3, inplace: bool = False
+) -> InverseHessian:
+    """Dead columns, damping and U = upper Cholesky factor of ``(H + damp I)^-1``, for ``prune_sparsegpt_(hinv=)``.
+
+    ``hessian`` is fp32 [in, in] from :func:`accumulate_hessian_`. Columns with ``H_jj == 0`` get a unit
+    diagonal (and are reported in ``dead``); ``percdamp`` times the mean diagonal is added, and on a failed
+    factorisation that fraction is multiplied by 10, at most ``max_damp_retries`` times, before a ValueError.
+    With ``inplace=True`` the hessian's storage is reused as workspace and left modified.
+    """
+    _check_hessian(hessian)
+    _check_damping(percdamp, max_damp_retries)
+    _check_finite(hessian)
+    return _factorize(hessian, percdamp, max_damp_retries, inplace)
+
+
+def _check_inverse_hessian(hinv: InverseHessian, weight: torch.Tensor) -> None:
+    n_cols = weight.shape[1]
+    if not isinstance(hinv, InverseHessian):
+        raise ValueError(f"hinv must be an InverseHessian from sparsegpt_inverse_hessian, got {type(hinv).__name__}")
+    if hinv.hinv.shape != (n_cols, n_cols) or hinv.hinv.dtype != torch.float32:
+        raise ValueError(
+            f"hinv.hinv must be float32 [{n_cols}, {n_cols}] (in_features), got {tuple(hinv.hinv.shape)} "
+            f"{hinv.hinv.dtype}"
+        )
+    if hinv.dead.shape != (n_cols,) or hinv.dead.dtype != torch.bool:
+        raise ValueError(f"hinv.dead must be bool [{n_cols}], got {tuple(hinv.dead.shape)} {hinv.dead.dtype}")
+    if hinv.hinv.device != weight.device or hinv.dead.device != weight.device:
+        raise ValueError(f"hinv is on {hinv.hinv.device} but weight is on {weight.device}")
+
+
 def _smallest_n_per_group(scores: torch.Tensor, n: int) -> torch.Tensor:
     """Column indices (within ``scores`` [O, m]) of each row's ``n`` smallest scores, ties to the lower index."""
     return torch.sort(scores, dim=1, stable=True)[1][:, :n]
@@ -101,32 +191,42 @@ def _smallest_n_per_group(scores: torch.Tensor, n: int) -> torch.Tensor:
 @torch.no_grad()
 def prune_sparsegpt_(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
-    sparsity: float,
+    hessian: torch.Tensor | None = None,
+    sparsity: float = 0.5,
     n: int = 0,
     m: int = 0,
     blocksize: int = 128,
     percdamp: float = 0.01,
     max_damp_retries: int = 3,
     inplace_hessian: bool = False,
+    *,
+    hinv: InverseHessian | None = None,
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Prune ``weight`` [out, in] in place with SparseGPT; return the bool mask (True = pruned).
 
-    ``hessian`` is fp32 [in, in] from :func:`accumulate_hessian_`. ``n``/``m`` non-zero selects N:M sparsity
-    (``sparsity`` is then ignored; ``blocksize`` must be a multiple of ``m``). ``percdamp`` times the mean
-    diagonal is added to the diagonal; on a failed factorisation that fraction is multiplied by 10, at most
+    ``hessian`` is fp32 [in, in] from :func:`accumulate_hessian_`; or pass ``hessian=None`` and ``hinv``, the
+    factorisation from :func:`sparsegpt_inverse_hessian` (shared by Linears with the same input; then
+    ``percdamp``, ``max_damp_retries`` and ``inplace_hessian`` are unused). ``n``/``m`` non-zero selects N:M
+    sparsity (``sparsity`` is then ignored; ``blocksize`` must be a multiple of ``m``). ``percdamp`` times the
+    mean diagonal is added to the diagonal; on a failed factorisation that fraction is multiplied by 10, at most
     ``max_damp_retries`` times, before a ValueError. Input columns never activated (``H_jj == 0``) are zeroed
     in ``weight`` whether or not the mask selects them. With ``inplace_hessian=True`` the hessian's storage is
-    reused as workspace (saves one [in, in] copy) and left modified.
+    reused as workspace (saves one [in, in] copy) and left modified. ``backend``: ``"torch"`` (the published
+    column loop) or ``"triton"`` (one kernel per block of columns; same result within fp32 rounding).
     """
     check_matrix(weight, "weight")
     n_rows, n_cols = weight.shape
-    if hessian.shape != (n_cols, n_cols) or hessian.dtype != torch.float32:
-        raise ValueError(
-            f"hessian must be float32 [{n_cols}, {n_cols}] (in_features), got {tuple(hessian.shape)} {hessian.dtype}"
-        )
-    if hessian.device != weight.device:
-        raise ValueError(f"hessian is on {hessian.device} but weight is on {weight.device}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if (hessian is None) == (hinv is None):
+        raise ValueError("pass exactly one of hessian (factorised here) or hinv (from sparsegpt_inverse_hessian)")
+    if hessian is not None:
+        _check_hessian(hessian, n_cols)
+        if hessian.device != weight.device:
+            raise ValueError(f"hessian is on {hessian.device} but weight is on {weight.device}")
+    else:
+        _check_inverse_hessian(hinv, weight)
     structured = bool(n or m)
     if structured:
         check_nm(n, m, n_cols)
@@ -136,26 +236,36 @@ def prune_sparsegpt_(
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
     if structured and blocksize % m != 0:
         raise ValueError(f"blocksize ({blocksize}) must be a multiple of m ({m}) so N:M groups do not straddle blocks")
-    if not (isinstance(percdamp, (int, float)) and math.isfinite(percdamp) and percdamp > 0):
-        raise ValueError(f"percdamp must be a positive number, got {percdamp!r}")
-    if isinstance(max_damp_retries, bool) or not isinstance(max_damp_retries, int) or max_damp_retries < 0:
-        raise ValueError(f"max_damp_retries must be a non-negative int, got {max_damp_retries!r}")
-    if not bool(torch.isfinite(hessian).all()):
-        raise ValueError("hessian contains NaN or inf: the calibration activations overflowed or are corrupt")
+    _check_damping(percdamp, max_damp_retries)
+    if hessian is not None:
+        _check_finite(hessian)
 
     mask = torch.zeros(n_rows, n_cols, dtype=torch.bool, device=weight.device)
     if (n == 0) if structured else (sparsity == 0):
         return mask
 
     w_work = weight.detach().to(torch.float32, copy=True)
-    h_work = hessian if inplace_hessian else hessian.clone()
-    dead = torch.diagonal(h_work) == 0
-    h_work[dead, dead] = 1
-    w_work[:, dead] = 0
-    hinv, damp = _inverse_hessian_cholesky(h_work, percdamp, max_damp_retries)  # upper factor U
-    del h_work
+    if hinv is None:
+        hinv = _factorize(hessian, percdamp, max_damp_retries, inplace_hessian)
+    w_work[:, hinv.dead] = 0
+    if backend == "torch":
+        losses = _prune_columns_torch(w_work, hinv.hinv, mask, sparsity, n, m, blocksize)
+    else:
+        losses = _prune_blocks_triton(w_work, hinv.hinv, mask, sparsity, n, m, blocksize)
 
-    losses = torch.zeros(n_rows, dtype=torch.float32, device=weight.device)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("sparsegpt: %dx%d damp %.3g error %.6g", n_rows, n_cols, hinv.damp, float(losses.sum()))
+    weight.copy_(w_work)  # fp32 -> weight.dtype, round to nearest like the reference's .to(dtype)
+    return mask
+
+
+def _prune_columns_torch(
+    w_work: torch.Tensor, hinv: torch.Tensor, mask: torch.Tensor, sparsity: float, n: int, m: int, blocksize: int
+) -> torch.Tensor:
+    """The published loop, one column at a time; prunes ``w_work`` in place, fills ``mask``, returns row losses."""
+    n_rows, n_cols = w_work.shape
+    structured = bool(n or m)
+    losses = torch.zeros(n_rows, dtype=torch.float32, device=w_work.device)
     for i1 in range(0, n_cols, blocksize):
         i2 = min(i1 + blocksize, n_cols)
         w_block = w_work[:, i1:i2].clone()
@@ -188,8 +298,35 @@ def prune_sparsegpt_(
         w_work[:, i1:i2] = q_block
         losses += torch.sum(loss_block, 1) / 2
         w_work[:, i2:] -= err_block.matmul(hinv[i1:i2, i2:])  # lazy batch update of the columns to the right
+    return losses
 
-    if logger.isEnabledFor(logging.DEBUG):
-        logger.debug("sparsegpt: %dx%d damp %.3g error %.6g", n_rows, n_cols, damp, float(losses.sum()))
-    weight.copy_(w_work)  # fp32 -> weight.dtype, round to nearest like the reference's .to(dtype)
-    return mask
+
+def _prune_blocks_triton(
+    w_work: torch.Tensor, hinv: torch.Tensor, mask: torch.Tensor, sparsity: float, n: int, m: int, blocksize: int
+) -> torch.Tensor:
+    """One ``sparsegpt_block_`` kernel per block plus one in-place GEMM; same contract as the torch loop."""
+    sparsegpt_block_ = kernel_ops("triton").sparsegpt_block_
+    n_rows, n_cols = w_work.shape
+    structured = bool(n or m)
+    losses = torch.zeros(n_rows, dtype=torch.float32, device=w_work.device)
+    for i1 in range(0, n_cols, blocksize):
+        i2 = min(i1 + blocksize, n_cols)
+        w_block = w_work[:, i1:i2]  # a view: the kernel overwrites it with the pruned block Q
+        hinv_block = hinv[i1:i2, i1:i2]
+        if structured:
+            err, mask_block = sparsegpt_block_(w_block, hinv_block, None, n, m)
+            mask[:, i1:i2] = mask_block
+        else:
+            # The reference's threshold, sort(saliency.flatten())[int(numel * sparsity)], is the
+            # (k + 1)-th smallest value: a selection, no full sort needed.
+            saliency = w_block**2 / torch.diagonal(hinv_block).reshape((1, -1)) ** 2
+            k = int(saliency.numel() * sparsity)
+            threshold = torch.kthvalue(saliency.flatten(), k + 1).values
+            mask_block = mask[:, i1:i2]
+            mask_block.copy_(saliency <= threshold)
+            err, _ = sparsegpt_block_(w_block, hinv_block, mask_block, 0, 0)
+        if logger.isEnabledFor(logging.DEBUG):
+            losses += torch.sum(err * err, 1) / 2  # (w - q)^2 / d^2 = err^2
+        if i2 < n_cols:
+            w_work[:, i2:].addmm_(err, hinv[i1:i2, i2:], alpha=-1)  # lazy batch update, in place (cuBLAS)
+    return losses

@@ -1,0 +1,252 @@
+"""2:4 sparse inference against dense, through the same runners: is 2:4 actually faster?
+
+Two parts, both measured in one run on one device:
+  linear   per-Linear microbenchmark on real FFN/attention shapes, M in {1, 16, 128, 2048, 8192} rows:
+           dense cuBLAS (F.linear), cuSPARSELt (Sparse24Linear's large-M path), our Triton 2:4 GEMV (M <= 128)
+           and Sparse24Linear's automatic choice. Each op is timed inside a CUDA graph
+           (triton.testing.do_bench_cudagraph) so host overhead is excluded for every provider alike.
+  model    whole random-weight models (OPT-6.7B, OPT-13B, a LLaMA-7B-shaped model), pruned 2:4 by magnitude
+           (the pattern, not the values, decides speed), run dense-with-zeros and then compressed in place
+           to Sparse24Linear: prefill B x T in {1x2048, 8x2048} through PrefillRunner (CUDA graph), and
+           greedy decode tokens/s at batch 1 and 8 after a 512-token context through GreedyDecoder (static KV
+           cache, one graph replay per token). The sparse model's last-position logits must match the
+           dense-with-zeros model's (relative error < 1e-2).
+
+CPU smoke mode: tiny models and shapes, eager runners, Sparse24Linear's CPU (dense) fallback: it keeps the
+harness tested; its timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.shapes import MODELS, linear_shape
+from bench.timing import time_op
+
+log = logging.getLogger(__name__)
+
+LINEAR_CASES = [("opt-13b", "fc1"), ("opt-13b", "fc2"), ("llama-7b", "down_proj"), ("opt-6.7b", "q_proj")]
+LINEAR_TOKENS = (1, 16, 128, 2048, 8192)
+MODEL_NAMES = ("opt-6.7b", "opt-13b", "llama-7b")
+PREFILL_SHAPES = ((1, 2048), (8, 2048))
+DECODE_BATCHES = (1, 8)
+DECODE_CONTEXT = 512
+DECODE_STEPS = 64
+LOGITS_RTOL = 1e-2
+
+SMOKE_LINEARS = [("smoke", (32, 64))]
+SMOKE_TOKENS = (1, 4, 32)
+SMOKE_MODELS = ("opt-smoke", "llama-smoke")
+SMOKE_PREFILL = ((1, 16), (2, 16))
+SMOKE_CONTEXT, SMOKE_STEPS = 8, 4
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+
+def build_random_llama(name: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A random-weight LlamaForCausalLM of ``bench.shapes`` dims, allocated directly on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench.e2e import init_random_weights_
+
+    if name == "llama-smoke":
+        hidden, ffn, layers, heads, kv_heads, vocab, positions = 64, 128, 2, 4, 2, 128, 128
+    else:
+        shape = MODELS[name]
+        hidden, ffn, layers, heads, vocab, positions = (
+            shape.hidden,
+            shape.ffn,
+            shape.n_layers,
+            shape.n_heads,
+            32000,
+            4096,
+        )
+        kv_heads = (shape.kv_dim or hidden) // (hidden // heads)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=positions,
+    )  # fmt: skip
+    with torch.device("meta"):
+        net = LlamaForCausalLM(config)
+    net = net.to(dtype=dtype).to_empty(device=device)
+    for module in net.modules():  # buffers (rotary inv_freq) came back uninitialized from to_empty
+        if hasattr(module, "rope_init_fn") and hasattr(module, "inv_freq"):
+            inv_freq, scaling = module.rope_init_fn(module.config, device)
+            module.inv_freq.copy_(inv_freq)
+            module.attention_scaling = scaling
+    init_random_weights_(net)
+    for module in net.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.weight.data.fill_(1.0)
+    return net.eval()
+
+
+def build_model(name: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    from bench.e2e import SMOKE_MODEL, build_random_opt
+
+    if name.startswith("opt"):
+        return build_random_opt(SMOKE_MODEL if name == "opt-smoke" else name, device, dtype)
+    return build_random_llama(name, device, dtype)
+
+
+@torch.no_grad()
+def prune_24_(model: nn.Module) -> None:
+    """Magnitude 2:4 on every decoder Linear (random weights: only the pattern matters for speed)."""
+    from pruning.adapters import get_adapter
+    from pruning.methods import prune_magnitude_
+
+    backend = "triton" if next(model.parameters()).is_cuda else "torch"
+    for layer in get_adapter(model).layers(model):
+        for module in layer.modules():
+            if isinstance(module, nn.Linear):
+                prune_magnitude_(module.weight.data, 0.5, 2, 4, backend=backend)
+
+
+# --- timing ----------------------------------------------------------------------------------------
+
+
+def _time_graphed(fn, device: torch.device, reps: int) -> dict:
+    """Median/p20/p80 ms with host overhead removed (CUDA graph) on a GPU; a plain timer on CPU."""
+    if device.type != "cuda":
+        return time_op(fn, device=device, reps=reps)
+    import triton.testing
+
+    median, p20, p80 = triton.testing.do_bench_cudagraph(fn, rep=max(20, 5 * reps), quantiles=[0.5, 0.2, 0.8])
+    return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "reps": reps}
+
+
+def _record(op, provider, label, shape, dtype, timing, reference_ms, correct, **extra) -> dict:
+    return {
+        "suite": "inference", "op": op, "provider": provider, "label": label, "shape": list(shape),
+        "dtype": str(dtype).removeprefix("torch."), **timing, "gbps": None, "x_copy": None,
+        "speedup_vs_reference": reference_ms / timing["median_ms"] if reference_ms else None,
+        "correct": correct, **extra,
+    }  # fmt: skip
+
+
+# --- per-Linear microbenchmark -----------------------------------------------------------------------
+
+
+def bench_linears(device: torch.device, smoke: bool, dtype: torch.dtype, reps: int) -> list[dict]:
+    from pruning.methods import prune_magnitude_
+    from pruning.sparse24 import Sparse24Linear
+    from wanda_kernels.sparse24_mm import sparse24_linear
+
+    cases = SMOKE_LINEARS if smoke else [(f"{m}.{n}", linear_shape(m, n)) for m, n in LINEAR_CASES]
+    records = []
+    for label, (n_out, n_in) in cases:
+        gen = torch.Generator(device=device).manual_seed(0)
+        linear = nn.Linear(n_in, n_out, bias=False, device=device, dtype=dtype)
+        linear.weight.data.normal_(0, 0.02, generator=gen)
+        prune_magnitude_(linear.weight.data, 0.5, 2, 4, backend="triton" if device.type == "cuda" else "torch")
+        sparse = Sparse24Linear.from_linear(linear)
+        for n_tokens in SMOKE_TOKENS if smoke else LINEAR_TOKENS:
+            x = torch.randn(n_tokens, n_in, generator=gen, device=device).to(dtype)
+            with torch.no_grad():
+                want = F.linear(x, linear.weight)
+                providers = {"dense": functools.partial(F.linear, x, linear.weight)}
+                if device.type == "cuda":
+                    providers["cusparselt"] = functools.partial(sparse._cusparselt_linear, x)
+                if n_tokens <= 128:
+                    providers["triton_24"] = functools.partial(sparse24_linear, x, sparse.values, sparse.meta)
+                providers["sparse24_auto"] = functools.partial(sparse, x)
+                timings = {}
+                for provider, fn in providers.items():
+                    got = fn()
+                    correct = bool(torch.allclose(got.float(), want.float(), atol=2e-2, rtol=1e-2))
+                    timings[provider] = (_time_graphed(fn, device, reps), correct)
+            dense_ms = timings["dense"][0]["median_ms"]
+            for provider, (timing, correct) in timings.items():
+                records.append(
+                    _record("linear", provider, label, (n_tokens, n_out, n_in), dtype, timing, dense_ms, correct)
+                )
+        del linear, sparse
+    return records
+
+
+# --- whole models ---------------------------------------------------------------------------------------
+
+
+def _measure_model(model, label, provider, device, dtype, smoke, reps, reference: dict) -> list[dict]:
+    from pruning.runner import GreedyDecoder, PrefillRunner
+
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    records = []
+    for batch, seqlen in SMOKE_PREFILL if smoke else PREFILL_SHAPES:
+        ids = torch.randint(0, vocab, (batch, seqlen), generator=gen).to(device)
+        runner = PrefillRunner(model, batch, seqlen)
+        logits = runner(ids).float().clone()
+        key = ("prefill", batch, seqlen)
+        correct = None
+        if key in reference:
+            want = reference[key]["logits"]
+            correct = bool(((logits - want).norm() / want.norm()) < LOGITS_RTOL)
+        timing = time_op(functools.partial(runner, ids), device=device, reps=reps, warmup=1)
+        tokens_per_s = batch * seqlen / (timing["median_ms"] * 1e-3)
+        ref_ms = reference[key]["median_ms"] if key in reference else None
+        records.append(_record("prefill", provider, label, (batch, seqlen), dtype, timing, ref_ms, correct,
+                               tokens_per_s=tokens_per_s))  # fmt: skip
+        reference.setdefault(key, {"logits": logits, "median_ms": timing["median_ms"]})
+        del runner
+    context, steps = (SMOKE_CONTEXT, SMOKE_STEPS) if smoke else (DECODE_CONTEXT, DECODE_STEPS)
+    for batch in DECODE_BATCHES:
+        prompt = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
+        decoder = GreedyDecoder(model, batch, context + steps + 2)
+        decoder.prefill(prompt)
+        decoder.step()  # captures the graph (GPU) outside the timed region
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            decoder.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        ms_per_token = (time.perf_counter() - t0) * 1e3 / steps
+        timing = {"median_ms": ms_per_token, "p20_ms": ms_per_token, "p80_ms": ms_per_token, "reps": steps}
+        key = ("decode", batch)
+        ref_ms = reference[key]["median_ms"] if key in reference else None
+        records.append(_record("decode", provider, label, (batch, context), dtype, timing, ref_ms, None,
+                               tokens_per_s=batch * 1e3 / ms_per_token))  # fmt: skip
+        reference.setdefault(key, {"median_ms": ms_per_token})
+        del decoder
+    return records
+
+
+def bench_models(device: torch.device, smoke: bool, dtype: torch.dtype, reps: int, models=None) -> list[dict]:
+    from pruning.sparse24 import compress_model_24
+
+    records = []
+    for name in SMOKE_MODELS if smoke else (MODEL_NAMES if models is None else models):
+        if not smoke and name not in MODELS:
+            raise ValueError(f"unknown model {name!r} for the inference suite; known: {', '.join(MODELS)}")
+        log.info("inference: %s", name)
+        model = build_model(name, device, dtype)
+        prune_24_(model)
+        reference: dict = {}
+        records += _measure_model(model, name, "dense", device, dtype, smoke, reps, reference)
+        compress_model_24(model)  # in place: the dense weights are freed
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        records += _measure_model(model, name, "sparse24", device, dtype, smoke, reps, reference)
+        del model, reference
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return records
+
+
+def run(device: torch.device, smoke: bool, reps: int = 10, models: tuple[str, ...] | None = None) -> list[dict]:
+    """Per-Linear then whole-model records; ``models`` overrides MODEL_NAMES (() = per-Linear only)."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    reps = min(reps, 10)
+    return bench_linears(device, smoke, dtype, reps) + bench_models(device, smoke, dtype, reps, models)

@@ -1,0 +1,39 @@
+"""The inference benchmark in CPU smoke mode: both providers run through the same runners and agree."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from bench import inference
+
+
+def test_inference_smoke_records():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Sparse24Linear's one-time "dense on CPU" warning
+        records = inference.run(torch.device("cpu"), smoke=True, reps=2)
+    linear = [r for r in records if r["op"] == "linear"]
+    assert {r["provider"] for r in linear} == {"dense", "triton_24", "sparse24_auto"}
+    assert all(r["correct"] for r in linear)
+    for model in inference.SMOKE_MODELS:
+        rows = [r for r in records if r["label"] == model]
+        prefill_sparse = [r for r in rows if r["op"] == "prefill" and r["provider"] == "sparse24"]
+        assert len(prefill_sparse) == len(inference.SMOKE_PREFILL)
+        assert all(r["correct"] for r in prefill_sparse), "sparse logits differ from dense-with-zeros"
+        decode = [r for r in rows if r["op"] == "decode"]
+        assert {(r["provider"], r["shape"][0]) for r in decode} == {
+            (p, b) for p in ("dense", "sparse24") for b in inference.DECODE_BATCHES
+        }
+        assert all(r["tokens_per_s"] > 0 and r["speedup_vs_reference"] or r["provider"] == "dense" for r in decode)
+
+
+def test_random_llama_is_a_working_model():
+    model = inference.build_model("llama-smoke", torch.device("cpu"), torch.float32)
+    inference.prune_24_(model)
+    layer = model.model.layers[0]
+    pruned = layer.mlp.up_proj.weight == 0
+    assert (pruned.reshape(pruned.shape[0], -1, 4).sum(dim=2) == 2).all()
+    with torch.no_grad():
+        logits = model(torch.randint(0, 128, (1, 8))).logits
+    assert torch.isfinite(logits).all() and logits.std() > 0
