@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_dataset", default="wikitext2", help="wikitext2, c4, a local text file, or 'none'")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="mask kernels: triton (GPU) or torch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save_model directory")
+    p.add_argument(
+        "--save_format",
+        choices=["dense", "sparse24"],
+        default="dense",
+        help="--save_model format: dense (from_pretrained) or sparse24 (2:4 compressed; pruning.load_sparse)",
+    )
     p.add_argument("--true_sequential", action="store_true", help="statistics after earlier sublayers are pruned")
     p.add_argument("--calib_batch_size", type=int, default=None, help="samples per forward (default: from memory)")
     p.add_argument("--eval_batch_size", type=int, default=1)
@@ -156,6 +162,11 @@ def validate_args(args: argparse.Namespace) -> PruneConfig:
         _check_data_source("--calib_dataset", _data_source(args.calib_dataset))
     if args.eval_dataset.lower() != "none":
         _check_data_source("--eval_dataset", _data_source(args.eval_dataset))
+    if args.save_format == "sparse24" and (args.sparsity_type != "2:4" or not args.save_model):
+        raise ValueError(
+            "--save_format sparse24 stores 2:4 weights: use it with --sparsity_type 2:4 --sparsity_ratio 0.5 "
+            "and --save_model DIR"
+        )
     _check_output_paths(args)
     if args.save:
         from pruning.outputs import check_save_dir
@@ -271,7 +282,9 @@ def run_prune(args: argparse.Namespace) -> dict:
         write_metrics(save_dir, metrics)
         log.info("wrote %s", save_dir)
     if args.save_model:
-        target = save_model_atomically(model, tokenizer, Path(args.save_model).expanduser(), args.overwrite)
+        target = save_model_atomically(
+            model, tokenizer, Path(args.save_model).expanduser(), args.overwrite, args.save_format
+        )
         log.info("saved the pruned model to %s", target)
     if args.eval_zero_shot:
         from pruning.evaluate import zero_shot

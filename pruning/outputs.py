@@ -90,15 +90,21 @@ def _umask() -> int:
     return mask
 
 
-def save_model_atomically(model, tokenizer, target: Path, overwrite: bool) -> Path:
+def save_model_atomically(model, tokenizer, target: Path, overwrite: bool, save_format: str = "dense") -> Path:
     """Write into a temporary sibling directory, then rename: a crash never leaves a half-written model,
-    and an existing directory is only replaced (with --overwrite) once the new one is complete."""
+    and an existing directory is only replaced (with --overwrite) once the new one is complete.
+    ``save_format="sparse24"`` stores the decoder Linears 2:4-compressed (``pruning.sparse24``)."""
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the saved model gets a plain mkdir's permissions
     try:
-        model.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        if save_format == "sparse24":
+            from pruning.sparse24 import save_sparse
+
+            save_sparse(model, tokenizer, staging)
+        else:
+            model.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

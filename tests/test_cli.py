@@ -129,6 +129,7 @@ def decoder_linears(model: nn.Module) -> dict[str, torch.Tensor]:
         ("eval_missing", ["--eval_dataset", "no/such/eval.txt"], ["--eval_dataset", "no such file"]),
         ("method_unknown", ["--prune_method", "obs"], ["--prune_method", "invalid choice", "wanda"]),
         ("sparsity_type_bad", ["--sparsity_type", "2-4"], ["sparsity_type", "2:4"]),
+        ("sparse24_not_24", ["--save_format", "sparse24", "--save_model", "unused"], ["--save_format sparse24", "2:4"]),
     ],
 )
 def test_bad_flag_values(tiny_opt, capsys, case, flags, fragments):
@@ -257,9 +258,9 @@ def test_full_run_writes_wanda_log_metrics_and_a_reloadable_2_4_model(tiny_opt, 
     pruned_in_memory = {}
     save_model = outputs.save_model_atomically
 
-    def capture_then_save(model, tokenizer, target, overwrite):
+    def capture_then_save(model, tokenizer, target, overwrite, *args):
         pruned_in_memory.update(decoder_linears(model))
-        return save_model(model, tokenizer, target, overwrite)
+        return save_model(model, tokenizer, target, overwrite, *args)
 
     monkeypatch.setattr(outputs, "save_model_atomically", capture_then_save)
     save, save_model_dir = tmp_path / "results", tmp_path / "models" / "opt-2-4"
@@ -374,3 +375,30 @@ def test_check_reports_nan_weights(tiny_opt, tmp_path, capsys):
 
 def test_check_of_a_missing_model_is_one_line(tmp_path, capsys):
     assert_one_line_error(capsys, cli.main(["check", str(tmp_path / "nope")]), "no such directory")
+
+
+def test_save_format_sparse24_round_trips_through_load_sparse(tiny_opt, tmp_path):
+    from safetensors import safe_open
+
+    from pruning import load_sparse
+    from pruning.sparse24 import Sparse24Linear
+
+    dense_dir, sparse_dir = tmp_path / "dense", tmp_path / "sparse"
+    common = ("--eval_dataset", "none", "--seed", "3")
+    assert cli.main(prune_argv(tiny_opt, *common, "--save_model", str(dense_dir), kind="2:4")) == 0
+    argv = prune_argv(tiny_opt, *common, "--save_model", str(sparse_dir), "--save_format", "sparse24", kind="2:4")
+    assert cli.main(argv) == 0
+
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir)
+    sparse = load_sparse(sparse_dir)
+    modules = sparse.config.sparsity_config["modules"]
+    assert len(modules) == 12
+    for name in modules:
+        module = sparse.get_submodule(name)
+        assert isinstance(module, Sparse24Linear)
+        assert torch.equal(module.to_dense(), dense.get_submodule(name).weight), name
+    with safe_open(str(sparse_dir / "model.safetensors"), "pt") as f:
+        assert f"{modules[0]}.values" in set(f.keys()) and f"{modules[0]}.weight" not in set(f.keys())
+    assert (sparse_dir / "tokenizer.json").exists()
