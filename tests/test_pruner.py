@@ -311,3 +311,19 @@ def test_hessian_accumulation_is_batch_invariant():
     for j in range(6):
         seen = accumulate_hessian_(h_one, x[j : j + 1], seen)
     torch.testing.assert_close(h_all, h_one, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_other_llama_family_models_prune(family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        family, vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    report = pruning.prune_model(model, calibration_ids(), "wanda", 0.5, "2:4")
+    assert report.actual_sparsity == 0.5
+    for name, lin in linears(model).items():
+        assert (lin.weight.reshape(lin.out_features, -1, 4) == 0).sum(dim=2).eq(2).all(), name
