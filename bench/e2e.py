@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 import pruning
+from bench.kernels import locuslab_prune_
 from bench.shapes import MODELS, DecoderShape
 from pruning.config import parse_sparsity_type
 
@@ -377,21 +378,8 @@ def locuslab_prune_wanda(model, calibration_ids, sparsity_ratio, prune_n=0, prun
         for h in handles:
             h.remove()
 
-        for name in subset:
-            W_metric = torch.abs(subset[name].weight.data) * torch.sqrt(
-                wrapped_layers[name].scaler_row.reshape((1, -1))
-            )
-            W_mask = torch.zeros_like(W_metric) == 1
-            if prune_n != 0:
-                for ii in range(W_metric.shape[1]):
-                    if ii % prune_m == 0:
-                        tmp = W_metric[:, ii : (ii + prune_m)].float()
-                        W_mask.scatter_(1, ii + torch.topk(tmp, prune_n, dim=1, largest=False)[1], True)
-            else:
-                sort_res = torch.sort(W_metric, dim=-1, stable=True)
-                indices = sort_res[1][:, : int(W_metric.shape[1] * sparsity_ratio)]
-                W_mask.scatter_(1, indices, True)
-            subset[name].weight.data[W_mask] = 0
+        for name in subset:  # prune_wanda's mask + zeroing, per matrix (bench.kernels keeps it verbatim)
+            locuslab_prune_(subset[name].weight.data, wrapped_layers[name].scaler_row, sparsity_ratio, prune_n, prune_m)
 
         for j in range(nsamples):
             with torch.no_grad():

@@ -327,3 +327,22 @@ def test_other_llama_family_models_prune(family):
     assert report.actual_sparsity == 0.5
     for name, lin in linears(model).items():
         assert (lin.weight.reshape(lin.out_features, -1, 4) == 0).sum(dim=2).eq(2).all(), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_streaming_layers_from_cpu_ram_equals_pruning_on_the_gpu(method):
+    """--offload: the model stays in CPU RAM and each layer visits the GPU; same result as on the GPU."""
+    from pruning.evaluate import perplexity
+
+    ids = calibration_ids()
+    on_gpu, in_ram = tiny_opt().cuda(), tiny_opt()
+    report_gpu = pruning.prune_model(on_gpu, ids, method, 0.5, "2:4", calib_batch_size=3)
+    report_ram = pruning.prune_model(in_ram, ids, method, 0.5, "2:4", calib_batch_size=3)
+    assert report_ram.streamed_layers and not report_gpu.streamed_layers
+    assert all(p.device.type == "cpu" for p in in_ram.parameters())
+    for name, lin in linears(in_ram).items():
+        torch.testing.assert_close(lin.weight, linears(on_gpu)[name].weight.cpu(), rtol=1e-5, atol=1e-6)
+    eval_ids = torch.randint(0, 96, (1, 200), generator=torch.Generator().manual_seed(2))
+    streamed = layerwise_perplexity(in_ram, get_adapter(in_ram), eval_ids, seqlen=32, batch_size=2)
+    assert streamed == pytest.approx(perplexity(on_gpu, eval_ids, seqlen=32, progress=False), rel=1e-4)
