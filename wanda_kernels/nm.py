@@ -57,6 +57,17 @@ def _nm_select_kernel(
         tl.store(src_ptr + offs_src, zero, mask=prune)
 
 
+# Tile shape (rows x groups per program) and warps, measured per matrix shape on first use on a GPU.
+_GPU_TILES = [(8, 64, 4), (4, 128, 4), (2, 256, 4), (4, 256, 8), (8, 128, 8)]  # (BLOCK_R, BLOCK_G, num_warps)
+_nm_select_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_R": 16, "BLOCK_G": 128}, num_warps=1)]
+    if interpreting()
+    else [triton.Config({"BLOCK_R": r, "BLOCK_G": g}, num_warps=w) for r, g, w in _GPU_TILES],
+    key=["n_rows", "n_groups", "M_PAD", "SCORE_MODE", "PRUNE_WEIGHT"],
+    restore_value=["src_ptr"],
+)(_nm_select_kernel)
+
+
 def launch_nm_select(
     src: torch.Tensor, act_norms: torch.Tensor | None, n: int, m: int, score_mode: int, prune_weight: bool
 ) -> torch.Tensor:
@@ -67,17 +78,11 @@ def launch_nm_select(
         return mask
     n_groups = n_cols // m
     m_pad = triton.next_power_of_2(m)
-    if interpreting():
-        # Few, large programs: the interpreter pays ~3 ms per program, not per element.
-        block_g = min(triton.next_power_of_2(n_groups), max(1, 2048 // m_pad))
-        block_r = max(1, min(triton.next_power_of_2(n_rows), 4096 // (block_g * m_pad)))
-        num_warps = 1
-    else:
-        block_g = min(triton.next_power_of_2(n_groups), max(1, 1024 // m_pad))
-        block_r = max(1, 2048 // (block_g * m_pad))
-        num_warps = 4
-    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_groups, block_g))
-    _nm_select_kernel[grid](
+
+    def grid(meta):
+        return triton.cdiv(n_rows, meta["BLOCK_R"]), triton.cdiv(n_groups, meta["BLOCK_G"])
+
+    _nm_select_tuned[grid](
         src,
         act_norms if act_norms is not None else src,
         mask.view(torch.uint8),
@@ -90,9 +95,6 @@ def launch_nm_select(
         M_PAD=m_pad,
         SCORE_MODE=score_mode,
         PRUNE_WEIGHT=prune_weight,
-        BLOCK_R=block_r,
-        BLOCK_G=block_g,
-        num_warps=num_warps,
     )
     return mask
 

@@ -117,6 +117,18 @@ def _row_select_kernel(
                 tl.store(src_row + cols.to(tl.int64) * stride_col, zero, mask=prune)
 
 
+# num_warps is the one real tiling choice here (one row per program): fewer warps make each bisection
+# step's row-wide reduction cheaper and let more rows share an SM; more warps hold longer rows without
+# spilling. Measured per row length on first use; the weight is restored between trials (in-place kernel).
+_row_select_tuned = triton.autotune(
+    configs=[triton.Config({}, num_warps=1)]
+    if interpreting()
+    else [triton.Config({}, num_warps=w) for w in (4, 8, 16)],
+    key=["n_cols", "BLOCK_C", "NUM_CHUNKS", "SCORE_MODE", "PRUNE_WEIGHT"],
+    restore_value=["src_ptr"],
+)(_row_select_kernel)
+
+
 def launch_row_select(
     src: torch.Tensor, act_norms: torch.Tensor | None, n_prune: int, score_mode: int, prune_weight: bool
 ) -> torch.Tensor:
@@ -130,8 +142,7 @@ def launch_row_select(
         block_c, num_chunks = padded, 1
     else:
         block_c, num_chunks = CHUNK, triton.cdiv(n_cols, CHUNK)
-    num_warps = 1 if interpreting() else min(16, max(4, block_c // 512))
-    _row_select_kernel[(n_rows,)](
+    _row_select_tuned[(n_rows,)](
         src,
         act_norms if act_norms is not None else src,
         mask.view(torch.uint8),
@@ -143,7 +154,6 @@ def launch_row_select(
         PRUNE_WEIGHT=prune_weight,
         BLOCK_C=block_c,
         NUM_CHUNKS=num_chunks,
-        num_warps=num_warps,
     )
     return mask
 
