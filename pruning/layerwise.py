@@ -70,6 +70,12 @@ def compute_device_for(module: nn.Module) -> torch.device:
             "which keeps the model in CPU RAM and streams one layer at a time to the GPU"
         )
     if device.type == "cpu" and torch.cuda.is_available():
+        if hasattr(module, "_hf_hook"):
+            # accelerate's hooks would move inputs back to the CPU behind our back: do not stream these.
+            raise ValueError(
+                "--device_map put decoder layers in CPU RAM; prune with --offload instead (without --device_map), "
+                "which streams one layer at a time to the GPU"
+            )
         return torch.device("cuda", torch.cuda.current_device())
     return device
 
