@@ -111,7 +111,7 @@ class Sparse24Linear(nn.Module):
                         self._cslt_weight, dense_b, bias=self.bias, transpose_result=True
                     )
                 y = torch._cslt_sparse_mm(self._cslt_weight, dense_b, bias=self.bias, transpose_result=True, alg_id=alg)
-                return y[:n_tokens].reshape(*x.shape[:-1], self.out_features)
+                return y[:n_tokens].contiguous().reshape(*x.shape[:-1], self.out_features)
             except (RuntimeError, TypeError) as err:
                 self._cslt_failed = True
                 warnings.warn(f"cuSPARSELt unavailable ({err}); Sparse24Linear falls back to dense", stacklevel=2)

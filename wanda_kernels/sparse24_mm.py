@@ -61,6 +61,17 @@ def _sparse24_linear_kernel(
     tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=token_ok[:, None] & out_ok[None, :])
 
 
+# Output rows per program x kept values per step x warps, measured per shape on first use on a GPU
+# (decode GEMV: enough programs to cover every SM vs. enough bytes in flight per program).
+_GPU_TILES = [(8, 128, 2), (16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 8), (64, 64, 4)]
+_sparse24_linear_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_O": 64, "BLOCK_K": 256}, num_warps=1)]
+    if interpreting()
+    else [triton.Config({"BLOCK_O": o, "BLOCK_K": k}, num_warps=w) for o, k, w in _GPU_TILES],
+    key=["n_out", "n_cols", "BLOCK_M", "HAS_BIAS"],
+)(_sparse24_linear_kernel)
+
+
 def sparse24_linear(
     x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -84,15 +95,12 @@ def sparse24_linear(
     if y.numel() == 0:
         return y.reshape(*x.shape[:-1], n_out)
     block_m = min(triton.next_power_of_2(n_tokens), 4)
-    if interpreting():
-        block_o, block_k = min(triton.next_power_of_2(n_out), 64), min(triton.next_power_of_2(n_kept), 256)
-    else:
-        block_o, block_k = 16, 128
-    grid = (triton.cdiv(n_out, block_o), triton.cdiv(n_tokens, block_m))
-    _sparse24_linear_kernel[grid](
+
+    def grid(meta):
+        return triton.cdiv(n_out, meta["BLOCK_O"]), triton.cdiv(n_tokens, block_m)
+
+    _sparse24_linear_tuned[grid](
         x2d, values.contiguous(), meta.contiguous(), bias if bias is not None else values, y,
-        n_tokens, n_out, n_cols, x2d.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_K=block_k,
-        num_warps=1 if interpreting() else 4,
+        n_tokens, n_out, n_cols, x2d.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m,
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], n_out)
