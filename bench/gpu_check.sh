@@ -78,7 +78,8 @@ main() {
         echo "=== SKIPPED the tests: pytest is not installed"
         failed+=("tests(skipped: no pytest)")
     else
-        step "kernel tests on the GPU" 150 "$BENCH_RESERVE" "0" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py
+        step "kernel tests on the GPU" 150 "$BENCH_RESERVE" "0" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+            tests/test_sparse24_kernels.py
         mapfile -t gpu_files < <(grep -l "mark.gpu" tests/test_*.py)
         if ((${#gpu_files[@]})); then
             # Exit 5 = no test selected. Files whose imports need a missing package are reported, not fatal.

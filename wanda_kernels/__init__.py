@@ -1,5 +1,5 @@
 """Triton kernels for Wanda pruning: calibration statistics, scores, fused mask selection,
-and the SparseGPT column-block update.
+the SparseGPT column-block update, and the 2:4 packed format with its sparse GEMV.
 
 Every op has a plain-torch reference with the same signature in ``wanda_kernels.reference``
 (``<op>_torch``); the reference defines the semantics. Masks are bool, True = prune.
@@ -8,7 +8,9 @@ Every op has a plain-torch reference with the same signature in ``wanda_kernels.
 from wanda_kernels.fused import wanda_prune_
 from wanda_kernels.magnitude import magnitude_mask
 from wanda_kernels.nm import nm_mask
+from wanda_kernels.pack24 import pack_24, unpack_24, wanda_prune_pack_24
 from wanda_kernels.scores import wanda_scores
+from wanda_kernels.sparse24_mm import sparse24_linear
 from wanda_kernels.sparsegpt_block import sparsegpt_block_
 from wanda_kernels.sq_norms import accumulate_sq_norms_
 from wanda_kernels.unstructured import unstructured_mask
@@ -17,8 +19,12 @@ __all__ = [
     "accumulate_sq_norms_",
     "magnitude_mask",
     "nm_mask",
+    "pack_24",
+    "sparse24_linear",
     "sparsegpt_block_",
+    "unpack_24",
     "unstructured_mask",
     "wanda_prune_",
+    "wanda_prune_pack_24",
     "wanda_scores",
 ]
