@@ -37,7 +37,7 @@ from pruning.methods import (
     prune_wanda_,
     sparsegpt_inverse_hessian,
 )
-from pruning.sparsity import check_sparsity, layer_sparsity
+from pruning.sparsity import check_sparsity, linear_zero_counts
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,8 @@ def prune_model(
     else:
         _prune_layers(model, adapter, layers, calibration_ids, config, backend, batch_size, report)
     report.seconds = time.perf_counter() - start
-    report.actual_sparsity = check_sparsity(model, log_layers=False)
+    if not report.layers:  # nothing pruned: measure what the model holds
+        report.actual_sparsity = check_sparsity(model, log_layers=False)
     if first_device.type == "cuda":
         report.peak_gpu_memory_bytes = torch.cuda.max_memory_allocated(first_device)
     log.info("pruned to %.4f sparsity in %.1f s", report.actual_sparsity, report.seconds)
@@ -252,6 +253,7 @@ def _prune_layers(model, adapter, layers, calibration_ids, config, backend, batc
         hidden_bytes = calibration_ids.numel() * model.config.hidden_size * next(model.parameters()).element_size()
         store = activation_store(hidden_bytes, device)
         inputs = capture_layer_inputs(model, adapter, calibration_ids, batch_size, store)
+    zeros = total = 0
     for index, layer in enumerate(tqdm(layers, desc=f"{config.method} {config.sparsity_type}", unit="layer")):
         t0 = time.perf_counter()
         device = compute_device_for(layer)
@@ -267,7 +269,10 @@ def _prune_layers(model, adapter, layers, calibration_ids, config, backend, batc
                 inputs.hidden = run_layer(layer, inputs, device, store)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-        sparsity = layer_sparsity(layer)
+            seconds = time.perf_counter() - t0
+            layer_zeros, layer_total = linear_zero_counts(layer)  # counted where the layer is (GPU if streamed)
+        zeros, total = zeros + layer_zeros, total + layer_total
+        sparsity = layer_zeros / max(layer_total, 1)
         report.layers.append(LayerReport(index, seconds, sparsity))
         log.info("layer %d: %.2f s, sparsity %.4f", index, seconds, sparsity)
+    report.actual_sparsity = zeros / max(total, 1)

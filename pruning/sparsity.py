@@ -9,7 +9,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-def _linear_counts(layer: nn.Module) -> tuple[int, int]:
+def linear_zero_counts(layer: nn.Module) -> tuple[int, int]:
+    """(exact zeros, entries) over the Linear weights of ``layer``."""
     zeros = total = 0
     for m in layer.modules():
         if isinstance(m, nn.Linear):
@@ -19,7 +20,7 @@ def _linear_counts(layer: nn.Module) -> tuple[int, int]:
 
 
 def layer_sparsity(layer: nn.Module) -> float:
-    zeros, total = _linear_counts(layer)
+    zeros, total = linear_zero_counts(layer)
     return zeros / max(total, 1)
 
 
@@ -37,7 +38,7 @@ def check_sparsity(model: nn.Module, log_layers: bool = True) -> float:
 
     zeros = total = 0
     for index, layer in enumerate(get_adapter(model).layers(model)):
-        layer_zeros, layer_total = _linear_counts(layer)
+        layer_zeros, layer_total = linear_zero_counts(layer)
         zeros, total = zeros + layer_zeros, total + layer_total
         if log_layers:
             log.info("layer %d sparsity %.6f", index, layer_zeros / max(layer_total, 1))

@@ -106,23 +106,30 @@ def wanda_prune_torch(
     return mask
 
 
+def _pack_kept_24(weight: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack the columns flagged in ``kept`` (bool, at least 2 per group of 4), then the lowest-index others,
+    2 per group in increasing column order: values [O, C/2] and 2-bit indices uint8 [O, C/8]."""
+    n_rows, n_cols = weight.shape
+    groups = weight.reshape(n_rows, n_cols // 4, 4)
+    # A stable sort on "not kept" puts kept columns first, each side in column order.
+    order = torch.sort((~kept.reshape(n_rows, n_cols // 4, 4)).to(torch.int8), dim=2, stable=True)[1][..., :2]
+    members = torch.sort(order, dim=2)[0]
+    values = torch.gather(groups, 2, members).reshape(n_rows, n_cols // 2)
+    bits = members.reshape(n_rows, n_cols // 8, 4).to(torch.int32) << torch.arange(0, 8, 2, device=weight.device)
+    return values, bits.sum(dim=2).to(torch.uint8)
+
+
 def pack_24_torch(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """2:4 packed format (see ``wanda_kernels.pack24``): kept values [O, C/2] and 2-bit indices uint8 [O, C/8]."""
     check_matrix(weight, "weight")
     n_rows, n_cols = weight.shape
     if n_cols % 8:
         raise ValueError(f"weight in_features ({n_cols}) must be a multiple of 8 for the 2:4 packed format")
-    groups = weight.reshape(n_rows, n_cols // 4, 4)
-    nonzero = groups != 0
-    n_bad = int((nonzero.sum(dim=2) > 2).sum())
+    nonzero = weight != 0
+    n_bad = int((nonzero.reshape(n_rows, n_cols // 4, 4).sum(dim=2) > 2).sum())
     if n_bad:
         raise ValueError(f"weight is not 2:4 sparse: {n_bad} groups of 4 columns hold more than 2 non-zeros")
-    # Keep the non-zeros, then the lowest-index zeros, 2 per group; a stable sort on "is zero" orders them.
-    order = torch.sort((~nonzero).to(torch.int8), dim=2, stable=True)[1][..., :2]
-    members = torch.sort(order, dim=2)[0]  # kept columns in increasing order
-    values = torch.gather(groups, 2, members).reshape(n_rows, n_cols // 2)
-    bits = members.reshape(n_rows, n_cols // 8, 4).to(torch.int32) << torch.arange(0, 8, 2, device=weight.device)
-    return values, bits.sum(dim=2).to(torch.uint8)
+    return _pack_kept_24(weight, nonzero)  # the non-zeros, then the lowest-index zeros
 
 
 def unpack_24_torch(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
@@ -136,16 +143,11 @@ def unpack_24_torch(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 
 
 def wanda_prune_pack_24_torch(weight: torch.Tensor, act_sq_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Wanda 2:4 selection then packing: ``pack_24(W * ~nm_mask(wanda_scores(W, a), 2, 4))``."""
+    """Wanda 2:4 selection then packing of exactly the selected columns (a kept weight may itself be zero)."""
+    if weight.ndim == 2 and weight.shape[1] % 8:
+        raise ValueError(f"weight in_features ({weight.shape[1]}) must be a multiple of 8 for the 2:4 packed format")
     mask = nm_mask_torch(wanda_scores_torch(weight, act_sq_norms), 2, 4)
-    pruned = weight.masked_fill(mask, 0)
-    # Keep exactly the selected columns (a selected-to-keep weight may itself be zero).
-    n_rows, n_cols = weight.shape
-    kept = (~mask).reshape(n_rows, n_cols // 4, 4)
-    members = torch.sort(torch.sort((~kept).to(torch.int8), dim=2, stable=True)[1][..., :2], dim=2)[0]
-    values = torch.gather(pruned.reshape(n_rows, n_cols // 4, 4), 2, members).reshape(n_rows, n_cols // 2)
-    bits = members.reshape(n_rows, n_cols // 8, 4).to(torch.int32) << torch.arange(0, 8, 2, device=weight.device)
-    return values, bits.sum(dim=2).to(torch.uint8)
+    return _pack_kept_24(weight, ~mask)
 
 
 def sparse24_linear_torch(
