@@ -10,7 +10,8 @@ those Linears. Its forward picks, per call:
   * CUDA, M <= ``decode_max_tokens`` rows: our Triton kernel reading the packed values and indices;
   * CUDA, larger M: cuSPARSELt through ``torch._cslt_sparse_mm`` with the weight compressed once, the
     best algorithm searched once per shape, the bias fused and the output written contiguous [M, O]
-    (``transpose_result``), so the next ops (attention) keep their fast kernels.
+    (``transpose_result``), so the next ops (attention) keep their fast kernels. On sm8x, torch's CUTLASS
+    2:4 GEMM is timed against it once per shape and used where it wins.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class Sparse24Linear(nn.Module):
         self._dense_cache: torch.Tensor | None = None
         self._cslt_weight: torch.Tensor | None = None
         self._cslt_alg: dict[int, int] = {}
-        self._cslt_failed = False
+        self._cutlass_weight: torch.Tensor | None = None
+        self._large_m_backend: dict[int, str] = {}  # padded row count -> "cusparselt" | "cutlass" | "dense"
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, name: str = "linear") -> Sparse24Linear:
@@ -79,7 +81,9 @@ class Sparse24Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, 2:4"
 
     def _apply(self, fn, recurse=True):
-        self._dense_cache, self._cslt_weight, self._cslt_alg = None, None, {}  # device/dtype moves invalidate
+        # A device or dtype move invalidates every derived form of the weight.
+        self._dense_cache = self._cslt_weight = self._cutlass_weight = None
+        self._cslt_alg, self._large_m_backend = {}, {}
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,29 +96,77 @@ class Sparse24Linear(nn.Module):
         if n_tokens <= self.decode_max_tokens:
             _, sparse24_mm = _kernels()
             return sparse24_mm.sparse24_linear(x, self.values, self.meta, self.bias)
-        return self._cusparselt_linear(x)
+        return self._large_m_linear(x)
+
+    def _large_m_linear(self, x: torch.Tensor) -> torch.Tensor:
+        n_tokens = x.numel() // self.in_features
+        padded = -(-n_tokens // CUSPARSELT_ROW_MULTIPLE) * CUSPARSELT_ROW_MULTIPLE
+        backend = self._large_m_backend.get(padded)
+        if backend is None:
+            backend = self._large_m_backend[padded] = self._pick_large_m_backend(x)
+        return getattr(self, f"_{backend}_linear")(x)
+
+    def _pick_large_m_backend(self, x: torch.Tensor) -> str:
+        """Once per padded row count: cuSPARSELt, and on sm8x also CUTLASS, timed; the faster one wins.
+        If neither runs (old GPU, missing library), the dense weight is used, with a warning."""
+        candidates = ["cusparselt"]
+        if torch.cuda.get_device_capability(x.device)[0] == 8:
+            candidates.append("cutlass")  # torch's CUTLASS 2:4 kernels support sm8x only
+        capturing = torch.cuda.is_current_stream_capturing()
+        times = {}
+        for name in candidates:
+            fn = getattr(self, f"_{name}_linear")
+            try:
+                fn(x)  # compresses the weight, searches the cuSPARSELt algorithm
+                if capturing or len(candidates) == 1:
+                    times[name] = 0.0
+                    continue
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(3):
+                    fn(x)
+                end.record()
+                end.synchronize()
+                times[name] = start.elapsed_time(end)
+            except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
+                warnings.warn(f"Sparse24Linear: {name} is unavailable here ({err})", stacklevel=3)
+        if not times:
+            warnings.warn("Sparse24Linear: no sparse kernel runs on this GPU; using the dense weight", stacklevel=3)
+            return "dense"
+        best = min(times, key=times.get)
+        log.debug("Sparse24Linear %dx%d, %d rows: %s (%s)", self.out_features, self.in_features,
+                  x.numel() // self.in_features, best, times)  # fmt: skip
+        return best
 
     def _cusparselt_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """cuSPARSELt: weight compressed once, algorithm searched once per padded row count, bias fused, the
+        product written transposed so that the [M, O] result is contiguous."""
         x2d = x.reshape(-1, self.in_features)
         n_tokens = x2d.shape[0]
         padded = -(-n_tokens // CUSPARSELT_ROW_MULTIPLE) * CUSPARSELT_ROW_MULTIPLE
-        if not self._cslt_failed:
-            try:
-                if self._cslt_weight is None:
-                    self._cslt_weight = torch._cslt_compress(self.to_dense())
-                if padded != n_tokens:
-                    x2d = F.pad(x2d, (0, 0, 0, padded - n_tokens))
-                dense_b = x2d.t()  # [C, M] view: W @ x^T, written back transposed = contiguous [M, O]
-                alg = self._cslt_alg.get(padded)
-                if alg is None:
-                    alg = self._cslt_alg[padded] = torch._cslt_sparse_mm_search(
-                        self._cslt_weight, dense_b, bias=self.bias, transpose_result=True
-                    )
-                y = torch._cslt_sparse_mm(self._cslt_weight, dense_b, bias=self.bias, transpose_result=True, alg_id=alg)
-                return y[:n_tokens].contiguous().reshape(*x.shape[:-1], self.out_features)
-            except (RuntimeError, TypeError) as err:
-                self._cslt_failed = True
-                warnings.warn(f"cuSPARSELt unavailable ({err}); Sparse24Linear falls back to dense", stacklevel=2)
+        if self._cslt_weight is None:
+            self._cslt_weight = torch._cslt_compress(self.to_dense())
+        if padded != n_tokens:
+            x2d = F.pad(x2d, (0, 0, 0, padded - n_tokens))
+        dense_b = x2d.t()  # [C, M] view: W @ x^T, written back transposed = contiguous [M, O]
+        alg = self._cslt_alg.get(padded)
+        if alg is None:
+            alg = self._cslt_alg[padded] = torch._cslt_sparse_mm_search(
+                self._cslt_weight, dense_b, bias=self.bias, transpose_result=True
+            )
+        y = torch._cslt_sparse_mm(self._cslt_weight, dense_b, bias=self.bias, transpose_result=True, alg_id=alg)
+        return y[:n_tokens].contiguous().reshape(*x.shape[:-1], self.out_features)
+
+    def _cutlass_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """torch's CUTLASS 2:4 GEMM (sm8x), through its semi-structured tensor subclass."""
+        if self._cutlass_weight is None:
+            from torch.sparse import SparseSemiStructuredTensorCUTLASS
+
+            self._cutlass_weight = SparseSemiStructuredTensorCUTLASS.from_dense(self.to_dense())
+        y = F.linear(x.reshape(-1, self.in_features), self._cutlass_weight, self.bias)
+        return y.contiguous().reshape(*x.shape[:-1], self.out_features)
+
+    def _dense_linear(self, x: torch.Tensor) -> torch.Tensor:
         if self._dense_cache is None:
             self._dense_cache = self.to_dense()
         return F.linear(x, self._dense_cache, self.bias)

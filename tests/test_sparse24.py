@@ -108,3 +108,19 @@ def test_sparse_model_logits_match_dense_with_zeros_on_cuda(tmp_path):
         with torch.no_grad():
             want, got = dense(ids).logits.float(), sparse(ids).logits.float()
         assert ((got - want).norm() / want.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_large_m_backends_on_cuda_match_dense_and_one_is_chosen_per_shape():
+    torch.manual_seed(0)
+    linear = nn.Linear(2048, 512, bias=True).half().cuda()
+    pruning.methods.prune_magnitude_(linear.weight.data, 0.5, 2, 4, backend="triton")
+    sparse = Sparse24Linear.from_linear(linear)
+    x = torch.randn(100, 2048, device="cuda", dtype=torch.float16)  # 100 rows: padded to 112 for cuSPARSELt
+    want = linear(x)
+    torch.testing.assert_close(sparse._cusparselt_linear(x), want, atol=2e-2, rtol=1e-2)
+    if torch.cuda.get_device_capability()[0] == 8:
+        torch.testing.assert_close(sparse._cutlass_linear(x), want, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(sparse(x), want, atol=2e-2, rtol=1e-2)
+    assert sparse._large_m_backend == {112: sparse._large_m_backend[112]}
+    assert sparse._large_m_backend[112] in ("cusparselt", "cutlass")
