@@ -402,3 +402,12 @@ def test_save_format_sparse24_round_trips_through_load_sparse(tiny_opt, tmp_path
     with safe_open(str(sparse_dir / "model.safetensors"), "pt") as f:
         assert f"{modules[0]}.values" in set(f.keys()) and f"{modules[0]}.weight" not in set(f.keys())
     assert (sparse_dir / "tokenizer.json").exists()
+
+
+def test_device_map_auto_runs(tiny_opt, tmp_path):
+    """--device_map goes through accelerate's placement (all on the CPU here) and prunes as usual."""
+    save = tmp_path / "out"
+    argv = prune_argv(tiny_opt, "--device_map", "auto", "--save", str(save), "--eval_dataset", "none", kind="4:8")
+    assert cli.main(argv) == 0
+    metrics = json.loads((save / "metrics.json").read_text())
+    assert metrics["config"]["device_map"] == "auto" and metrics["actual_sparsity"] == 0.5
