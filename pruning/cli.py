@@ -258,6 +258,10 @@ def run_prune(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model = load_model(args.model, args.cache_dir, args.dtype, args.device_map, args.offload)
     log.info("loaded %s (%s) in %.1f s", args.model, model_config.model_type, time.perf_counter() - started)
+    if args.save_format == "sparse24":
+        from pruning.sparse24 import check_packable
+
+        check_packable(model)  # before the long job, not at the very end
 
     metrics: dict = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "versions": versions()}
     if args.eval_dense:

@@ -190,6 +190,22 @@ def _unpack(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     return reference.unpack_24_torch(values, meta)
 
 
+def check_packable(model: nn.Module) -> None:
+    """Every decoder Linear must have in_features divisible by 8 for the packed format (2 groups per byte)."""
+    from pruning.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    bad = sorted(
+        {f"{name} (in_features {m.in_features})" for layer in adapter.layers(model)
+         for name, m in layer.named_modules() if isinstance(m, nn.Linear) and m.in_features % 8}
+    )  # fmt: skip
+    if bad:
+        raise ValueError(
+            f"--save_format sparse24 needs in_features divisible by 8; not so for {', '.join(bad)}: "
+            "save with --save_format dense"
+        )
+
+
 def compress_model_24(model: nn.Module) -> list[str]:
     """Replace every decoder-layer Linear with a :class:`Sparse24Linear` (in place). Returns the module
     names. Raises a ValueError naming the first Linear that is not 2:4, before anything is replaced."""

@@ -124,3 +124,13 @@ def test_large_m_backends_on_cuda_match_dense_and_one_is_chosen_per_shape():
     torch.testing.assert_close(sparse(x), want, atol=2e-2, rtol=1e-2)
     assert sparse._large_m_backend == {112: sparse._large_m_backend[112]}
     assert sparse._large_m_backend[112] in ("cusparselt", "cutlass")
+
+
+def test_check_packable_names_the_module_before_any_work():
+    from pruning.sparse24 import check_packable
+
+    model = tiny("llama")
+    check_packable(model)  # 64 and 96 input features: fine
+    model.model.layers[0].mlp.down_proj = nn.Linear(100, 64)
+    with pytest.raises(ValueError, match=r"mlp.down_proj \(in_features 100\).*--save_format dense"):
+        check_packable(model)
