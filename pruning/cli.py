@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_batch_size", type=int, default=1)
     p.add_argument("--eval_dense", action="store_true", help="also measure the dense model's perplexity first")
     p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto")
+    p.add_argument(
+        "--zero_shot_tasks",
+        default="boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
+        help="comma-separated lm-eval tasks for --eval_zero_shot (default: Wanda's seven)",
+    )
+    p.add_argument("--zero_shot_include_path", default=None, help="directory of extra lm-eval task YAMLs (offline)")
     return p
 
 
@@ -294,7 +300,8 @@ def run_prune(args: argparse.Namespace) -> dict:
         from pruning.evaluate import zero_shot
 
         try:
-            metrics["zero_shot"] = zero_shot(model, tokenizer)
+            tasks = [t for t in args.zero_shot_tasks.split(",") if t]
+            metrics["zero_shot"] = zero_shot(model, tokenizer, tasks, include_path=args.zero_shot_include_path)
         except Exception as err:
             kept = [str(p) for p in (save_dir, args.save_model) if p]
             saved = f"; the pruning results are saved in {', '.join(kept)}" if kept else ""

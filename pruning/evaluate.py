@@ -104,9 +104,11 @@ def zero_shot(
     num_fewshot: int = 0,
     batch_size: int = 1,
     limit: int | float | None = None,
+    include_path: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run lm-eval (>= 0.4) tasks on an in-memory HF model.
 
+    ``include_path``: a directory of extra lm-eval task YAMLs (e.g. local-file tasks for offline machines).
     Returns lm-eval's per-task metrics, `simple_evaluate(...)["results"]`, e.g. {"boolq": {"acc,none": ...}}.
     """
     try:
@@ -115,9 +117,16 @@ def zero_shot(
     except ImportError as exc:
         raise ImportError("zero-shot evaluation needs lm-eval: pip install -e '.[eval]'") from exc
 
+    from lm_eval.tasks import TaskManager
+
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=list(tasks), num_fewshot=num_fewshot, batch_size=batch_size, limit=limit
+        model=lm,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        limit=limit,
+        task_manager=TaskManager(include_path=include_path),
     )
     if results is None:  # non-zero ranks in distributed runs
         return {}

@@ -148,3 +148,77 @@ def test_zero_shot_without_lm_eval_says_how_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     with pytest.raises(ImportError, match=r"zero-shot evaluation needs lm-eval: pip install -e '\.\[eval\]'"):
         zero_shot(object(), object(), tasks=("boolq",))
+
+
+LOCAL_TASK = """task: local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+LOCAL_DOCS = [
+    {"question": "The sky is", "choices": ["blue", "green", "loud"], "label": 0},
+    {"question": "Fire is", "choices": ["cold", "hot"], "label": 1},
+    {"question": "Ice is", "choices": ["cold", "hot"], "label": 0},
+    {"question": "A cat says", "choices": ["meow", "moo"], "label": 0},
+    {"question": "Two plus two is", "choices": ["four", "five"], "label": 0},
+]
+
+
+def test_zero_shot_scores_the_in_memory_model_like_an_independent_loglikelihood(tmp_path, monkeypatch):
+    """lm-eval's HFLM wraps our in-memory model: its multiple-choice accuracy on a local task equals an
+    accuracy computed here from the model's own log-likelihoods of ' ' + choice after the question."""
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional extra .[eval]")
+    import json
+
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from pruning.evaluate import zero_shot
+    from pruning.tokenizers import byte_level_tokenizer
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = tmp_path / "docs.jsonl"
+    data.write_text("\n".join(json.dumps(d) for d in LOCAL_DOCS))
+    (tmp_path / "local_mc.yaml").write_text(LOCAL_TASK.format(data=data))
+    torch.manual_seed(3)
+    config = OPTConfig(vocab_size=260, hidden_size=32, word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=2,
+                       num_attention_heads=2, max_position_embeddings=128)  # fmt: skip
+    model, tokenizer = OPTForCausalLM(config).eval(), byte_level_tokenizer()
+
+    def loglikelihood(context: str, continuation: str) -> float:
+        ctx = tokenizer(context).input_ids  # leading </s>, then one id per byte
+        cont = tokenizer(continuation, add_special_tokens=False).input_ids
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+        return sum(float(logprobs[len(ctx) - 1 + i, tok]) for i, tok in enumerate(cont))
+
+    correct = [
+        max(range(len(d["choices"])), key=lambda c, d=d: loglikelihood(d["question"], " " + d["choices"][c]))
+        == d["label"]
+        for d in LOCAL_DOCS
+    ]
+    import lm_eval
+
+    captured = {}
+    simple_evaluate = lm_eval.simple_evaluate
+
+    def keep_samples(**kwargs):  # the same call, with per-document log-likelihoods kept for the check below
+        captured.update(simple_evaluate(**kwargs, log_samples=True))
+        return captured
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", keep_samples)
+    results = zero_shot(model, tokenizer, ["local_mc"], include_path=str(tmp_path))
+    assert results["local_mc"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
+    samples = sorted(captured["samples"]["local_mc"], key=lambda s: s["doc_id"])
+    for doc, sample in zip(LOCAL_DOCS, samples, strict=True):
+        got = [float(resp[0]) for resp in sample["filtered_resps"]]
+        want = [loglikelihood(doc["question"], " " + choice) for choice in doc["choices"]]
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-4)  # fp32 model, fp64 log-softmax here
