@@ -10,6 +10,7 @@ Magnitude needs no calibration and skips the forward passes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,9 +23,11 @@ from pruning.adapters import DecoderAdapter, get_adapter
 from pruning.config import PruneConfig
 from pruning.layerwise import (
     LayerInputs,
+    StopForward,
     activation_store,
     capture_layer_inputs,
     compute_device_for,
+    feed_layer,
     module_device,
     on_device,
     run_layer,
@@ -160,6 +163,12 @@ def _prune_linear(
         )
 
 
+def _collect(stats: _GroupStatistics, _module: nn.Module, args: tuple, stop: bool) -> None:
+    stats.add(args[0])
+    if stop:
+        raise StopForward
+
+
 def _collect_and_prune(
     layer: nn.Module,
     groups: list[list[str]],
@@ -172,12 +181,15 @@ def _collect_and_prune(
     modules = dict(layer.named_modules())
     stats = {}
     handles = []
-    for group in groups:
+    for position, group in enumerate(groups):
         first = modules[group[0]]
         stats[group[0]] = group_stats = _GroupStatistics(config.method, first.in_features, device, backend)
-        handles.append(first.register_forward_hook(lambda _m, args, _out, s=group_stats: s.add(args[0])))
+        # Groups are in execution order: once the last one has its input, the rest of the layer (that
+        # group's own GEMMs, e.g. fc2 / down_proj, a third of a layer's FLOPs) only feeds nothing.
+        is_last = position == len(groups) - 1
+        handles.append(first.register_forward_pre_hook(functools.partial(_collect, group_stats, stop=is_last)))
     try:
-        run_layer(layer, inputs, device, store)  # outputs discarded: this pass only feeds the hooks
+        feed_layer(layer, inputs, device)
     finally:
         for h in handles:
             h.remove()

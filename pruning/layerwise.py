@@ -19,8 +19,8 @@ from pruning.adapters import DecoderAdapter
 log = logging.getLogger(__name__)
 
 
-class _StopForward(Exception):
-    """Raised by the layer-0 hook once its inputs are captured: nothing past embeddings needs to run."""
+class StopForward(Exception):
+    """Raised by a hook once it has what it needs: the rest of the forward pass is skipped."""
 
 
 @dataclass
@@ -122,7 +122,7 @@ def capture_layer_inputs(
         captured.hidden.append(hidden.to(store))
         captured.args.append(to_device(tuple(args[1:]), store))
         captured.kwargs.append(to_device(kwargs, store))
-        raise _StopForward
+        raise StopForward
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
     embeddings = adapter.embedding_modules(model)
@@ -130,11 +130,18 @@ def capture_layer_inputs(
         with on_device(embeddings, device), no_kv_cache(model):
             embed_device = module_device(embeddings[0])
             for batch in input_ids.split(batch_size):
-                with contextlib.suppress(_StopForward):
+                with contextlib.suppress(StopForward):
                     model(input_ids=batch.to(embed_device), use_cache=False)
     finally:
         handle.remove()
     return captured
+
+
+def feed_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device) -> None:
+    """Run the layer on every batch for its hooks only; a hook may end a batch early with StopForward."""
+    for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
+        with contextlib.suppress(StopForward):
+            layer(hidden.to(device), *to_device(args, device), **to_device(kwargs, device))
 
 
 def run_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device, store: torch.device) -> list[torch.Tensor]:

@@ -346,3 +346,14 @@ def test_streaming_layers_from_cpu_ram_equals_pruning_on_the_gpu(method):
     eval_ids = torch.randint(0, 96, (1, 200), generator=torch.Generator().manual_seed(2))
     streamed = layerwise_perplexity(in_ram, get_adapter(in_ram), eval_ids, seqlen=32, batch_size=2)
     assert streamed == pytest.approx(perplexity(on_gpu, eval_ids, seqlen=32, progress=False), rel=1e-4)
+
+
+def test_statistics_pass_stops_after_the_last_group_input():
+    """The statistics pass ends each batch at fc2's input: fc2 itself then runs only in the output pass."""
+    model = tiny_opt()
+    calls = []
+    model.model.decoder.layers[0].fc2.register_forward_hook(lambda *_: calls.append(1))
+    model.model.decoder.layers[0].fc1.register_forward_hook(lambda *_: calls.append(0))
+    pruning.prune_model(model, calibration_ids(nsamples=6), "wanda", 0.5, calib_batch_size=2)
+    assert calls.count(0) == 6  # fc1: 3 batches in the statistics pass + 3 in the output pass
+    assert calls.count(1) == 3  # fc2: the output pass only
