@@ -18,6 +18,9 @@ if not torch.cuda.is_available():
         raise RuntimeError("triton was imported before TRITON_INTERPRET=1 could be set; kernels would not run on CPU")
     os.environ["TRITON_INTERPRET"] = "1"
 
+# Tests check correctness: one kernel configuration each, instead of timing every candidate on a GPU.
+os.environ.setdefault("WANDA_KERNELS_AUTOTUNE", "0")
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

@@ -13,6 +13,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def tuning_configs(gpu_configs: list, fixed):
+    """Autotune candidates: ``gpu_configs`` on a GPU; just ``fixed`` under the interpreter (~3 ms per program, no
+    timing worth having) or with WANDA_KERNELS_AUTOTUNE=0 (the tests: correctness, not speed, and compile time)."""
+    if interpreting() or os.environ.get("WANDA_KERNELS_AUTOTUNE") == "0":
+        return [fixed]
+    return gpu_configs
+
+
 def check_kernel_device(*tensors: torch.Tensor) -> None:
     """Raise a ValueError when a Triton kernel cannot run on these tensors' device."""
     device = tensors[0].device

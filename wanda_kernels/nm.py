@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from wanda_kernels._keys import load_scores, ordered_keys
-from wanda_kernels._runtime import check_kernel_device, interpreting
+from wanda_kernels._runtime import check_kernel_device, interpreting, tuning_configs
 from wanda_kernels._validate import check_matrix, check_nm
 
 
@@ -60,9 +60,12 @@ def _nm_select_kernel(
 # Tile shape (rows x groups per program) and warps, measured per matrix shape on first use on a GPU.
 _GPU_TILES = [(8, 64, 4), (4, 128, 4), (2, 256, 4), (4, 256, 8), (8, 128, 8)]  # (BLOCK_R, BLOCK_G, num_warps)
 _nm_select_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_R": 16, "BLOCK_G": 128}, num_warps=1)]
-    if interpreting()
-    else [triton.Config({"BLOCK_R": r, "BLOCK_G": g}, num_warps=w) for r, g, w in _GPU_TILES],
+    configs=tuning_configs(
+        [triton.Config({"BLOCK_R": r, "BLOCK_G": g}, num_warps=w) for r, g, w in _GPU_TILES],
+        triton.Config({"BLOCK_R": 16, "BLOCK_G": 128}, num_warps=1)
+        if interpreting()
+        else triton.Config({"BLOCK_R": 4, "BLOCK_G": 128}, num_warps=4),
+    ),
     key=["n_rows", "n_groups", "M_PAD", "SCORE_MODE", "PRUNE_WEIGHT"],
     restore_value=["src_ptr"],
 )(_nm_select_kernel)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wanda_kernels._runtime import check_kernel_device, interpreting
+from wanda_kernels._runtime import check_kernel_device, interpreting, tuning_configs
 from wanda_kernels._validate import FLOAT_DTYPES
 
 
@@ -65,9 +65,12 @@ def _sparse24_linear_kernel(
 # (decode GEMV: enough programs to cover every SM vs. enough bytes in flight per program).
 _GPU_TILES = [(8, 128, 2), (16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 8), (64, 64, 4)]
 _sparse24_linear_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_O": 64, "BLOCK_K": 256}, num_warps=1)]
-    if interpreting()
-    else [triton.Config({"BLOCK_O": o, "BLOCK_K": k}, num_warps=w) for o, k, w in _GPU_TILES],
+    configs=tuning_configs(
+        [triton.Config({"BLOCK_O": o, "BLOCK_K": k}, num_warps=w) for o, k, w in _GPU_TILES],
+        triton.Config({"BLOCK_O": 64, "BLOCK_K": 256}, num_warps=1)
+        if interpreting()
+        else triton.Config({"BLOCK_O": 16, "BLOCK_K": 128}, num_warps=4),
+    ),
     key=["n_out", "n_cols", "BLOCK_M", "HAS_BIAS"],
 )(_sparse24_linear_kernel)
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from wanda_kernels._keys import KEY_MAX, KEY_MIN, load_scores, ordered_keys
-from wanda_kernels._runtime import check_kernel_device, interpreting
+from wanda_kernels._runtime import check_kernel_device, interpreting, tuning_configs
 from wanda_kernels._validate import check_matrix, check_sparsity
 
 MAX_REGISTER_ROW = 32768  # longest row (padded to a power of two) held in registers
@@ -121,9 +121,10 @@ def _row_select_kernel(
 # step's row-wide reduction cheaper and let more rows share an SM; more warps hold longer rows without
 # spilling. Measured per row length on first use; the weight is restored between trials (in-place kernel).
 _row_select_tuned = triton.autotune(
-    configs=[triton.Config({}, num_warps=1)]
-    if interpreting()
-    else [triton.Config({}, num_warps=w) for w in (4, 8, 16)],
+    configs=tuning_configs(
+        [triton.Config({}, num_warps=w) for w in (4, 8, 16)],
+        triton.Config({}, num_warps=1 if interpreting() else 8),
+    ),
     key=["n_cols", "BLOCK_C", "NUM_CHUNKS", "SCORE_MODE", "PRUNE_WEIGHT"],
     restore_value=["src_ptr"],
 )(_row_select_kernel)
