@@ -22,6 +22,7 @@ import wanda_kernels.magnitude as magnitude  # noqa: E402
 import wanda_kernels.nm as nm  # noqa: E402
 import wanda_kernels.pack24 as pack24  # noqa: E402
 import wanda_kernels.scores as scores  # noqa: E402
+import wanda_kernels.select as selection  # noqa: E402
 import wanda_kernels.sparse24_mm as sparse24_mm  # noqa: E402
 import wanda_kernels.sparsegpt_block as sparsegpt_block  # noqa: E402
 import wanda_kernels.sq_norms as sq_norms  # noqa: E402
@@ -72,6 +73,10 @@ def variants():
         ptrs = {"src_ptr": "*fp16", "norm_ptr": "*fp32", "values_ptr": "*fp16", "meta_ptr": "*u8", "bad_ptr": "*i32"}
         consts = {"SELECT": select, "BLOCK_R": 4, "BLOCK_B": 64}
         yield f"pack_24 select={select}", variant(pack24._pack_24_kernel, ptrs, consts, 4)
+    for p, absolute in ((0, True), (3, False)):
+        ptrs = {"x_ptr": "*fp16", "prefix_ptr": "*i64", "hist_ptr": "*i32"}
+        consts = {"PASS": p, "ABSOLUTE": absolute, "BLOCK": 2048}
+        yield f"kth_smallest pass {p}", variant(selection._digit_histogram_kernel, ptrs, consts, 4)
     ptrs = {"values_ptr": "*fp16", "meta_ptr": "*u8", "out_ptr": "*fp16"}
     yield "unpack_24", variant(pack24._unpack_24_kernel, ptrs, {"BLOCK_R": 4, "BLOCK_B": 64}, 4)
     for has_bias, block_m in ((True, 1), (False, 4)):

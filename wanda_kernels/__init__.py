@@ -10,6 +10,7 @@ from wanda_kernels.magnitude import magnitude_mask
 from wanda_kernels.nm import nm_mask
 from wanda_kernels.pack24 import pack_24, unpack_24, wanda_prune_pack_24
 from wanda_kernels.scores import wanda_scores
+from wanda_kernels.select import kth_smallest
 from wanda_kernels.sparse24_mm import sparse24_linear
 from wanda_kernels.sparsegpt_block import sparsegpt_block_
 from wanda_kernels.sq_norms import accumulate_sq_norms_
@@ -17,6 +18,7 @@ from wanda_kernels.unstructured import unstructured_mask
 
 __all__ = [
     "accumulate_sq_norms_",
+    "kth_smallest",
     "magnitude_mask",
     "nm_mask",
     "pack_24",

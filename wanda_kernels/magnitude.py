@@ -5,9 +5,9 @@ matrix, the value at index ``int(numel * sparsity)`` of the ascending sorted |W|
 that threshold is pruned (ties at the threshold too, as in locuslab/wanda, so slightly more than the
 ratio can be pruned). N:M: the N:M kernel ranking |W| inside each group.
 
-The threshold comes from ``torch.kthvalue`` (an O(numel) selection, same value and NaN-last order as the
-reference's full sort) on |W| in the weight's own dtype (|w| is exact there), and stays on the device;
-the compare runs in one Triton pass that reads the threshold from memory, so nothing syncs with the host.
+The threshold comes from ``select.kth_smallest`` on |W| (a device-wide radix select: four reads of W, same
+value and NaN-last order as the reference's full sort) and stays on the device; the compare runs in one
+Triton pass that reads the threshold from memory, so nothing syncs with the host.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import triton.language as tl
 from wanda_kernels._runtime import check_kernel_device, interpreting
 from wanda_kernels._validate import check_matrix, check_nm, check_sparsity
 from wanda_kernels.nm import launch_nm_select
+from wanda_kernels.select import kth_smallest
 
 
 @triton.jit
@@ -55,7 +56,7 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float, n: int = 0, m: int = 0
     mask = torch.zeros(n_rows, n_cols, dtype=torch.bool, device=weight.device)
     if sparsity == 0 or weight.numel() == 0:
         return mask
-    threshold = weight.abs().flatten().kthvalue(int(weight.numel() * sparsity) + 1).values
+    threshold = kth_smallest(weight, int(weight.numel() * sparsity), absolute=True)
     block_c = min(triton.next_power_of_2(n_cols), 1024 if interpreting() else 256)
     block_r = min(triton.next_power_of_2(n_rows), 64 if interpreting() else 16)
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c))

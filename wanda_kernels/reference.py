@@ -189,3 +189,9 @@ def sparsegpt_block_torch(
         err_block[:, i] = err
     w_block.copy_(q_block)
     return err_block, mask
+
+
+def kth_smallest_torch(x: torch.Tensor, k: int, absolute: bool = False) -> torch.Tensor:
+    """fp32 0-d tensor: ``sort(x.flatten())[k]`` (of ``|x|`` when ``absolute``), torch.sort's NaN-last order."""
+    values = x.abs() if absolute else x
+    return torch.sort(values.flatten().float())[0][k]

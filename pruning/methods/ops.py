@@ -24,6 +24,7 @@ OP_NAMES: tuple[str, ...] = (
     "magnitude_mask",
     "wanda_prune_",
     "sparsegpt_block_",
+    "kth_smallest",
 )
 
 
@@ -39,6 +40,7 @@ class KernelOps:
     magnitude_mask: Callable
     wanda_prune_: Callable
     sparsegpt_block_: Callable
+    kth_smallest: Callable
 
 
 def kernel_ops(backend: str) -> KernelOps:

@@ -23,10 +23,9 @@ Two backends compute the same thing. ``backend="torch"`` is the published loop a
 errors, with the row tile in registers) and the lazy batch update ``W[:, i2:] -= Err @ U[i1:i2, i2:]`` as one
 in-place ``addmm_`` (cuBLAS SGEMM: the O(rows * in^2) bulk of the work, already at GEMM speed; ``addmm_``
 writes into the strided column slice without the temporary product and extra subtraction pass of
-``-= a @ b``). The unstructured block threshold is ``torch.kthvalue`` of the block's saliencies (the value the
-reference's full sort puts at index ``int(numel * sparsity)``), the comparison ``saliency <= threshold`` a torch
-elementwise op. (On CUDA, ``kthvalue`` of one long slice is a single-CTA radix select: if it shows up in a
-profile, ``torch.sort(...)[0][k]`` is the drop-in alternative.) The block kernel reproduces the torch loop's
+``-= a @ b``). The unstructured block threshold is ``kth_smallest`` of the block's saliencies (a device-wide
+radix select of the value the reference's full sort puts at index ``int(numel * sparsity)``), the comparison
+``saliency <= threshold`` a torch elementwise op. The block kernel reproduces the torch loop's
 roundings op by op (IEEE divisions, no FMA contraction); the paths can differ only by the rounding of the lazy
 GEMM (one ``addmm_`` vs a product then a subtraction): bit-identical on the CPU, ~1 fp32 ulp at worst.
 
@@ -305,7 +304,8 @@ def _prune_blocks_triton(
     w_work: torch.Tensor, hinv: torch.Tensor, mask: torch.Tensor, sparsity: float, n: int, m: int, blocksize: int
 ) -> torch.Tensor:
     """One ``sparsegpt_block_`` kernel per block plus one in-place GEMM; same contract as the torch loop."""
-    sparsegpt_block_ = kernel_ops("triton").sparsegpt_block_
+    ops = kernel_ops("triton")
+    sparsegpt_block_ = ops.sparsegpt_block_
     n_rows, n_cols = w_work.shape
     structured = bool(n or m)
     losses = torch.zeros(n_rows, dtype=torch.float32, device=w_work.device)
@@ -317,11 +317,11 @@ def _prune_blocks_triton(
             err, mask_block = sparsegpt_block_(w_block, hinv_block, None, n, m)
             mask[:, i1:i2] = mask_block
         else:
-            # The reference's threshold, sort(saliency.flatten())[int(numel * sparsity)], is the
-            # (k + 1)-th smallest value: a selection, no full sort needed.
+            # The reference's threshold, sort(saliency.flatten())[int(numel * sparsity)]: a device-wide
+            # radix select (torch.kthvalue of one long slice runs in a single thread block on CUDA).
             saliency = w_block**2 / torch.diagonal(hinv_block).reshape((1, -1)) ** 2
             k = int(saliency.numel() * sparsity)
-            threshold = torch.kthvalue(saliency.flatten(), k + 1).values
+            threshold = ops.kth_smallest(saliency, k)
             mask_block = mask[:, i1:i2]
             mask_block.copy_(saliency <= threshold)
             err, _ = sparsegpt_block_(w_block, hinv_block, mask_block, 0, 0)
