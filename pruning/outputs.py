@@ -10,19 +10,24 @@ import tempfile
 from pathlib import Path
 
 
-def check_save_dir(path: str) -> Path:
-    """Create ``--save`` now and prove it is writable, so a long run cannot fail at its very end."""
-    directory = Path(path).expanduser()
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"--save {str(directory)!r} is a file, not a directory; choose a directory for the results")
+def _prove_writable(directory: Path, what: str) -> None:
+    """Create ``directory`` and write a probe file in it, or raise a one-line ValueError about ``what``."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
             pass
     except OSError as err:
         raise ValueError(
-            f"cannot write to --save directory {str(directory)!r}: {err.strerror or err}; choose a writable directory"
+            f"cannot write {what} {str(directory)!r}: {err.strerror or err}; choose a writable directory"
         ) from None
+
+
+def check_save_dir(path: str) -> Path:
+    """Create ``--save`` now and prove it is writable, so a long run cannot fail at its very end."""
+    directory = Path(path).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"--save {str(directory)!r} is a file, not a directory; choose a directory for the results")
+    _prove_writable(directory, "to --save directory")
     return directory
 
 
@@ -33,15 +38,7 @@ def check_save_model_dir(path: str, overwrite: bool) -> Path:
         raise ValueError(f"--save_model {str(target)!r} is a file, not a directory; choose another path")
     if target.exists() and not overwrite:
         raise ValueError(f"--save_model directory {str(target)!r} already exists; pass --overwrite to replace it")
-    parent = target.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise ValueError(
-            f"cannot write --save_model into {str(parent)!r}: {err.strerror or err}; choose a writable directory"
-        ) from None
+    _prove_writable(target.parent, "--save_model into")
     return target
 
 
