@@ -200,7 +200,7 @@ def _measure_model(model, label, provider, device, dtype, smoke, reps, reference
         tokens_per_s = batch * seqlen / (timing["median_ms"] * 1e-3)
         ref_ms = reference[key]["median_ms"] if key in reference else None
         records.append(_record("prefill", provider, label, (batch, seqlen), dtype, timing, ref_ms, correct,
-                               tokens_per_s=tokens_per_s))  # fmt: skip
+                               tokens_per_s=tokens_per_s, cuda_graph=runner.use_graph))  # fmt: skip
         reference.setdefault(key, {"logits": logits, "median_ms": timing["median_ms"]})
         del runner
     context, steps = (SMOKE_CONTEXT, SMOKE_STEPS) if smoke else (DECODE_CONTEXT, DECODE_STEPS)
@@ -221,7 +221,7 @@ def _measure_model(model, label, provider, device, dtype, smoke, reps, reference
         key = ("decode", batch)
         ref_ms = reference[key]["median_ms"] if key in reference else None
         records.append(_record("decode", provider, label, (batch, context), dtype, timing, ref_ms, None,
-                               tokens_per_s=batch * 1e3 / ms_per_token))  # fmt: skip
+                               tokens_per_s=batch * 1e3 / ms_per_token, cuda_graph=decoder.use_graph))  # fmt: skip
         reference.setdefault(key, {"median_ms": ms_per_token})
         del decoder
     return records
@@ -238,12 +238,18 @@ def bench_models(device: torch.device, smoke: bool, dtype: torch.dtype, reps: in
         model = build_model(name, device, dtype)
         prune_24_(model)
         reference: dict = {}
-        records += _measure_model(model, name, "dense", device, dtype, smoke, reps, reference)
-        compress_model_24(model)  # in place: the dense weights are freed
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        records += _measure_model(model, name, "sparse24", device, dtype, smoke, reps, reference)
+        for provider in ("dense", "sparse24"):
+            if provider == "sparse24":
+                compress_model_24(model)  # in place: the dense weights are freed
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            try:
+                records += _measure_model(model, name, provider, device, dtype, smoke, reps, reference)
+            except (RuntimeError, ValueError) as err:  # keep the other models' numbers; the failure is a record
+                log.exception("inference: %s %s failed", name, provider)
+                timing = {"median_ms": None, "p20_ms": None, "p80_ms": None, "reps": 0}
+                records.append(_record("model", provider, name, (), dtype, timing, None, False, error=str(err)[:500]))
         del model, reference
         gc.collect()
         if device.type == "cuda":

@@ -55,6 +55,7 @@ INFERENCE_COLUMNS: list[Column] = [
     ("median_ms", "{:.3f}"),
     ("tokens_per_s", "{:.0f}"),
     ("speedup_vs_reference", "{:.2f}x"),
+    ("cuda_graph", "{}"),
     ("correct", "{}"),
 ]
 

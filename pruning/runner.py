@@ -7,6 +7,7 @@ On the CPU (or with ``use_graph=False``) the same code runs eagerly, which is ho
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 from torch import nn
@@ -17,8 +18,22 @@ def _cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+log = logging.getLogger(__name__)
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _try_capture(fn, what: str) -> tuple[torch.cuda.CUDAGraph | None, object]:
+    """``_capture``, or (None, None) with a warning when the model does something a graph cannot hold (a host
+    sync, a data-dependent shape): the runner then stays eager, and says so in ``use_graph``."""
+    try:
+        return _capture(fn)
+    except RuntimeError as err:
+        log.warning("CUDA graph capture of the %s failed, running eagerly: %s", what, str(err).splitlines()[0])
+        torch.cuda.synchronize()
+        return None, None
 
 
 def _capture(fn, warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
@@ -46,7 +61,8 @@ class PrefillRunner:
         self.input_ids = torch.zeros(batch, seqlen, dtype=torch.long, device=device)
         self.graph = None
         if self.use_graph:
-            self.graph, self.logits = _capture(self._forward)
+            self.graph, self.logits = _try_capture(self._forward, "prefill")
+            self.use_graph = self.graph is not None
 
     @torch.no_grad()
     def _forward(self) -> torch.Tensor:
@@ -114,7 +130,8 @@ class GreedyDecoder:
         if self.use_graph and self.graph is None:
             # Capturing runs the step (warm-up + capture write the cache at `position`, which the real step
             # overwrites with the same values), so capture before the first real step.
-            self.graph, self.next_token = _capture(self._step)
+            self.graph, self.next_token = _try_capture(self._step, "decode step")
+            self.use_graph = self.graph is not None
         if self.graph is None:
             self.token.copy_(self._step())
         else:
