@@ -13,13 +13,18 @@ from bench.records import read_jsonl
 
 Column = tuple[str, str | Callable[[object], str]]  # record key, format string or formatter
 
-COLUMNS: list[Column] = [
+# What a record is: the columns every table starts with.
+IDENTITY: list[Column] = [
     ("suite", "{}"),
     ("op", "{}"),
     ("provider", "{}"),
     ("label", "{}"),
     ("shape", "{}"),
     ("dtype", "{}"),
+]
+
+COLUMNS: list[Column] = [
+    *IDENTITY,
     ("median_ms", "{:.3f}"),
     ("gbps", "{:.0f}"),
     ("x_copy", "{:.2f}"),
@@ -29,12 +34,7 @@ COLUMNS: list[Column] = [
 
 # Whole pruning runs: one wall time each, the peak memory, and how far the two providers' masks agree.
 E2E_COLUMNS: list[Column] = [
-    ("suite", "{}"),
-    ("op", "{}"),
-    ("provider", "{}"),
-    ("label", "{}"),
-    ("shape", "{}"),
-    ("dtype", "{}"),
+    *IDENTITY,
     ("seconds", "{:.2f}"),
     ("peak_gpu_memory_bytes", lambda v: f"{v / 2**30:.1f} GiB"),
     ("actual_sparsity", "{:.4f}"),
@@ -46,12 +46,7 @@ E2E_COLUMNS: list[Column] = [
 
 # Sparse vs dense inference: time per call (per token for decode), tokens/s, speed-up over dense.
 INFERENCE_COLUMNS: list[Column] = [
-    ("suite", "{}"),
-    ("op", "{}"),
-    ("provider", "{}"),
-    ("label", "{}"),
-    ("shape", "{}"),
-    ("dtype", "{}"),
+    *IDENTITY,
     ("median_ms", "{:.3f}"),
     ("tokens_per_s", "{:.0f}"),
     ("speedup_vs_reference", "{:.2f}x"),
