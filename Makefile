@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test test-gpu-versions bench lint clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
@@ -21,6 +21,20 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The suite again under the GPU machine's triton 3.6 and transformers 5.17 (GPU_NOTES.md), so that the kernels
+# are lowered for sm_80/sm_90 by the triton that runs them there, and the HF glue meets that transformers.
+# numpy<2.4: triton 3.6's CPU interpreter cannot run loops under newer numpy (wanda_kernels/_runtime.py).
+COMPAT_VENV ?= .venv-gpu-versions
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+COMPAT_PINS := triton==3.6.0 transformers==5.17.0 'numpy<2.4'
+
+test-gpu-versions:
+	test -x $(COMPAT_PY) || $(PYTHON) -m venv --system-site-packages $(COMPAT_VENV)
+	$(COMPAT_PY) -c "import torch" 2>/dev/null || $(COMPAT_PY) -m pip install -q torch==2.13.0
+	$(COMPAT_PY) -m pip install -q -e '.[dev,eval]' $(COMPAT_PINS)
+	$(COMPAT_PY) -c "import triton, transformers; print('triton', triton.__version__, 'transformers', transformers.__version__)"
+	$(COMPAT_PY) -m pytest -q -p no:cacheprovider
+
 bench: $(STAMP)
 	$(PY) -m bench
 
@@ -28,4 +42,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) *.egg-info .pytest_cache

@@ -325,3 +325,31 @@ def test_bad_inputs_raise_value_error_naming_the_argument(device):
     for call, needle in cases:
         with pytest.raises(ValueError, match=needle):
             call()
+
+
+def test_old_triton_interpreter_with_new_numpy_is_named_not_crashed(monkeypatch):
+    # triton <= 3.6's interpreter calls int() on shape-(1,) arrays for loop bounds; numpy >= 2.4 refuses.
+    import numpy as np
+    import triton
+
+    from wanda_kernels import _runtime
+
+    try:
+        int(np.zeros(1, dtype=np.int32))
+        numpy_refuses = False
+    except TypeError:
+        numpy_refuses = True
+    for version, broken in (("3.6.0", numpy_refuses), ("3.7.0", False), ("3.10.1", False)):
+        monkeypatch.setattr(triton, "__version__", version)
+        _runtime.interpreter_incompatibility.cache_clear()
+        problem = _runtime.interpreter_incompatibility()
+        assert (problem is not None) == broken, version
+        if broken:
+            assert "numpy<2.4" in problem and "triton>=3.7" in problem
+    _runtime.interpreter_incompatibility.cache_clear()
+    monkeypatch.undo()
+
+    monkeypatch.setattr(_runtime, "interpreting", lambda: True)
+    monkeypatch.setattr(_runtime, "interpreter_incompatibility", lambda: "install 'numpy<2.4'")
+    with pytest.raises(ImportError, match="numpy<2.4"):
+        wk.accumulate_sq_norms_(torch.zeros(8), torch.ones(2, 8))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -32,6 +33,36 @@ def check_kernel_device(*tensors: torch.Tensor) -> None:
             "Triton kernels need CUDA tensors; on the CPU set TRITON_INTERPRET=1 before importing triton, "
             "or use the plain-torch references (wanda_kernels.reference, backend='torch')"
         )
+    if device.type == "cpu":
+        problem = interpreter_incompatibility()
+        if problem:
+            raise ImportError(problem)  # an install problem: the CLI reports it in one line
+
+
+@functools.lru_cache(maxsize=1)
+def interpreter_incompatibility() -> str | None:
+    """Why Triton's CPU interpreter cannot run these kernels here, or None.
+
+    Triton <= 3.6's interpreter turns a loop bound into a Python int with ``int(array_of_shape_1)``, which
+    numpy >= 2.4 refuses; every kernel with a runtime loop bound then fails deep inside the interpreter.
+    Compiled GPU code is unaffected. Triton 3.7 squeezes the array first."""
+    import numpy as np
+    import triton
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # numpy 1.25-2.3 only warn
+            int(np.zeros(1, dtype=np.int32))
+        return None
+    except TypeError:
+        pass
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+    if version >= (3, 7):
+        return None
+    return (
+        f"triton {triton.__version__}'s CPU interpreter cannot run loops under numpy {np.__version__}: "
+        "install 'numpy<2.4' or 'triton>=3.7' (GPU runs are unaffected)"
+    )
 
 
 @functools.lru_cache(maxsize=8)
