@@ -33,7 +33,7 @@ from bench.timing import time_op
 log = logging.getLogger(__name__)
 
 LINEAR_CASES = [("opt-13b", "fc1"), ("opt-13b", "fc2"), ("llama-7b", "down_proj"), ("opt-6.7b", "q_proj")]
-LINEAR_TOKENS = (1, 16, 128, 2048, 8192)
+LINEAR_TOKENS = (1, 4, 8, 16, 32, 128, 2048, 8192)  # 4-32: where the Triton kernel stops paying (decode_max_tokens)
 MODEL_NAMES = ("opt-6.7b", "opt-13b", "llama-7b")
 PREFILL_SHAPES = ((1, 2048), (8, 2048))
 DECODE_BATCHES = (1, 8)
@@ -138,7 +138,7 @@ def _record(op, provider, label, shape, dtype, timing, reference_ms, correct, **
 def bench_linears(device: torch.device, smoke: bool, dtype: torch.dtype, reps: int) -> list[dict]:
     from pruning.methods import prune_magnitude_
     from pruning.sparse24 import Sparse24Linear
-    from wanda_kernels.sparse24_mm import sparse24_linear
+    from wanda_kernels.sparse24_mm import last_tuned_config, sparse24_linear
 
     cases = SMOKE_LINEARS if smoke else [(f"{m}.{n}", linear_shape(m, n)) for m, n in LINEAR_CASES]
     records = []
@@ -168,12 +168,16 @@ def bench_linears(device: torch.device, smoke: bool, dtype: torch.dtype, reps: i
                         log.warning("inference: %s fails on %s M=%d: %s", provider, label, n_tokens, err)
                         continue  # a missing library or unsupported GPU: no record rather than no benchmark
                     correct = bool(torch.allclose(got.float(), want.float(), atol=2e-2, rtol=1e-2))
-                    timings[provider] = (_time_graphed(fn, device, reps), correct)
+                    extra = {}
+                    if provider == "triton_24":  # which path and tile the autotuner measured best here
+                        extra["kernel_config"] = last_tuned_config()
+                    timings[provider] = (_time_graphed(fn, device, reps), correct, extra)
             dense_ms = timings["dense"][0]["median_ms"]
-            for provider, (timing, correct) in timings.items():
+            for provider, (timing, correct, extra) in timings.items():
                 records.append(
-                    _record("linear", provider, label, (n_tokens, n_out, n_in), dtype, timing, dense_ms, correct)
-                )
+                    _record("linear", provider, label, (n_tokens, n_out, n_in), dtype, timing, dense_ms, correct,
+                            **extra)
+                )  # fmt: skip
         del linear, sparse
     return records
 

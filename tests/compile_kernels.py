@@ -2,14 +2,18 @@
 
 The interpreter runs the kernels' semantics on the CPU but never sees the GPU compiler, which can reject
 code the interpreter accepts. This script lowers each kernel, in the variants the launchers use, through
-Triton's CUDA backend to PTX and cubin (ptxas ships in the triton wheel) and prints each kernel's shared memory.
+Triton's CUDA backend to PTX and cubin (ptxas ships in the triton wheel) and prints each kernel's registers,
+spilled bytes (``ptxas -v``) and shared memory: a static look at GPU resource use, made without a GPU.
 It must run WITHOUT TRITON_INTERPRET (tests/test_kernels_compile.py starts it in a clean subprocess).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run without TRITON_INTERPRET=1: the GPU compiler needs real @triton.jit functions")
@@ -47,15 +51,18 @@ def variant(kernel, pointer_types: dict[str, str], constexprs: dict[str, object]
 
 def variants():
     row = unstructured._row_select_kernel
-    for dtype, mode, prune, block, chunks, warps in [
-        ("fp32", 0, False, 8192, 1, 16),
-        ("fp16", 2, True, 8192, 1, 16),
-        ("bf16", 2, True, 32768, 1, 16),
-        ("fp16", 2, True, unstructured.CHUNK, 5, 16),
+    warp_candidates = [triton.Config({}, num_warps=w) for w in (4, 8, 16, 32)]
+    for dtype, mode, prune, block, chunks in [
+        ("fp32", 0, False, 8192, 1),
+        ("fp16", 2, True, 4096, 1),
+        ("bf16", 2, True, 32768, 1),
+        ("fp16", 2, True, unstructured.CHUNK, 5),
     ]:
         ptrs = {"src_ptr": f"*{dtype}", "norm_ptr": "*fp32", "mask_ptr": "*u8"}
         consts = {"SCORE_MODE": mode, "PRUNE_WEIGHT": prune, "BLOCK_C": block, "NUM_CHUNKS": chunks}
-        yield f"unstructured {dtype} mode{mode} C<={block * chunks}", variant(row, ptrs, consts, warps)
+        for config in unstructured._prune_warps(warp_candidates, {}, BLOCK_C=block):
+            label = f"unstructured {dtype} mode{mode} C<={block * chunks} w{config.num_warps}"
+            yield label, variant(row, ptrs, consts, config.num_warps)
     for dtype, n, m, mode in [("fp16", 2, 4, 2), ("fp32", 4, 8, 0), ("bf16", 2, 3, 1)]:
         ptrs = {"src_ptr": f"*{dtype}", "norm_ptr": "*fp32", "mask_ptr": "*u8"}
         m_pad = triton.next_power_of_2(m)
@@ -79,10 +86,22 @@ def variants():
         yield f"kth_smallest pass {p}", variant(selection._digit_histogram_kernel, ptrs, consts, 4)
     ptrs = {"values_ptr": "*fp16", "meta_ptr": "*u8", "out_ptr": "*fp16"}
     yield "unpack_24", variant(pack24._unpack_24_kernel, ptrs, {"BLOCK_R": 4, "BLOCK_B": 64}, 4)
-    for has_bias, block_m in ((True, 1), (False, 4)):
-        ptrs = {"x_ptr": "*fp16", "values_ptr": "*fp16", "meta_ptr": "*u8", "bias_ptr": "*fp16", "y_ptr": "*fp16"}
-        consts = {"HAS_BIAS": has_bias, "BLOCK_M": block_m, "BLOCK_O": 16, "BLOCK_K": 128}
-        yield f"sparse24_linear M<={block_m}", variant(sparse24_mm._sparse24_linear_kernel, ptrs, consts, 4)
+    candidates = [
+        triton.Config({"BLOCK_O": o, "BLOCK_K": k, "PATH": path}, num_warps=w)
+        for path, tiles in sparse24_mm._GPU_CONFIGS.items()
+        for o, k, w in tiles
+    ]
+    for dtype, block_m in (("fp16", 1), ("bf16", 4), ("fp16", 16)):
+        for config in sparse24_mm._prune_configs(candidates, {}, BLOCK_M=block_m):
+            ptrs = {"x_ptr": f"*{dtype}", "values_ptr": f"*{dtype}", "meta_ptr": "*u8", "bias_ptr": f"*{dtype}",
+                    "y_ptr": f"*{dtype}"}  # fmt: skip
+            consts = {"HAS_BIAS": block_m == 1, "BLOCK_M": block_m, **config.kwargs}
+            tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_O", "BLOCK_K"))
+            label = f"sparse24_linear M{block_m} path{config.kwargs['PATH']} {tile} w{config.num_warps}"
+            yield label, variant(sparse24_mm._sparse24_linear_kernel, ptrs, consts, config.num_warps)
+    ptrs = {"x_ptr": "*fp32", "values_ptr": "*fp32", "meta_ptr": "*u8", "bias_ptr": "*fp32", "y_ptr": "*fp32"}
+    consts = {"HAS_BIAS": False, "BLOCK_M": 2, "BLOCK_O": 16, "BLOCK_K": 64, "PATH": sparse24_mm.PATH_DOT}
+    yield "sparse24_linear fp32 dot (ieee)", variant(sparse24_mm._sparse24_linear_kernel, ptrs, consts, 4)
     for select_nm, n, m in ((False, 0, 1), (True, 2, 4)):
         ptrs = {"w_ptr": "*fp32", "hinv_ptr": "*fp32", "mask_ptr": "*u8", "err_ptr": "*fp32"}
         block_c = 128
@@ -90,6 +109,27 @@ def variants():
                   "BLOCK_C": block_c}  # fmt: skip
         kernel = sparsegpt_block._sparsegpt_block_kernel
         yield f"sparsegpt_block nm={select_nm}", variant(kernel, ptrs, consts, 1, enable_fp_fusion=False)
+
+
+def register_use(ptx: str, capability: int) -> str:
+    """``ptxas -v``'s registers and spill bytes for this PTX (the ptxas that ships in the triton wheel)."""
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    # Triton >= 3.6 compiles sm_90+ with the newer "ptxas-blackwell" it ships beside the legacy one.
+    names = ("ptxas-blackwell", "ptxas") if capability >= 90 else ("ptxas",)
+    ptxas = next((os.path.join(bin_dir, n) for n in names if os.access(os.path.join(bin_dir, n), os.X_OK)), None)
+    if ptxas is None:
+        return "registers: no ptxas"
+    arch = "sm_90a" if capability == 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.devnull], capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", out.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", out.stderr)
+    if not regs or not spills:
+        return "registers: ?"
+    return f"{regs.group(1):>3s} registers, {spills.group(1)} B spilled"
 
 
 def main() -> int:
@@ -100,9 +140,8 @@ def main() -> int:
             try:
                 compiled = triton.compile(ASTSource(kernel, signature, consts), target=target, options=options)
                 shared = getattr(compiled.metadata, "shared", None)
-                print(
-                    f"ok   sm_{capability} {label:34s} shared memory {shared} B, cubin {len(compiled.asm['cubin'])} B"
-                )
+                registers = register_use(compiled.asm["ptx"], capability)
+                print(f"ok   sm_{capability} {label:44s} {registers}, shared memory {shared} B")
             except Exception as err:  # report every kernel, not just the first failure
                 failures += 1
                 print(f"FAIL sm_{capability} {label}: {type(err).__name__}: {str(err).splitlines()[0][:300]}")

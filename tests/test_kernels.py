@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import wanda_kernels as wk
+import wanda_kernels.nm as nm_module
 import wanda_kernels.sq_norms as sq_norms_module
 import wanda_kernels.unstructured as unstructured_module
 from wanda_kernels import reference as ref
@@ -353,3 +354,38 @@ def test_old_triton_interpreter_with_new_numpy_is_named_not_crashed(monkeypatch)
     monkeypatch.setattr(_runtime, "interpreter_incompatibility", lambda: "install 'numpy<2.4'")
     with pytest.raises(ImportError, match="numpy<2.4"):
         wk.accumulate_sq_norms_(torch.zeros(8), torch.ones(2, 8))
+
+
+@pytest.mark.parametrize("tile", [pytest.param(t, id="R{}-G{}-w{}".format(*t)) for t in nm_module._GPU_TILES])
+def test_nm_every_gpu_tile_matches_reference(tile, device, monkeypatch):
+    # The autotuner may pick any of these on a GPU; the tests otherwise run one fixed tile. 37 rows and
+    # 30 groups of 4 divide none of them, so every tile has ragged edges in both directions.
+    import triton
+
+    block_r, block_g, warps = tile
+    config = triton.Config({"BLOCK_R": block_r, "BLOCK_G": block_g}, num_warps=warps)
+    single = triton.autotune([config], key=["n_rows"])(nm_module._nm_select_kernel)
+    monkeypatch.setattr(nm_module, "_nm_select_tuned", single)
+    for dtype in (torch.float32, torch.float16):
+        scores = _weights((37, 120), dtype, device, "repeated")
+        assert torch.equal(wk.nm_mask(scores, 2, 4), ref.nm_mask_torch(scores, 2, 4))
+        weight = _weights((37, 120), dtype, device, "randn")
+        norms = torch.rand(120, device=device) + 0.1
+        pruned, want = weight.clone(), weight.clone()
+        mask = wk.wanda_prune_(pruned, norms, 0.5, 2, 4)
+        want_mask = ref.wanda_prune_torch(want, norms, 0.5, 2, 4)
+        assert torch.equal(mask, want_mask) and torch.equal(pruned, want)
+
+
+def test_unstructured_warp_candidates_follow_the_row_block():
+    import triton
+
+    configs = [triton.Config({}, num_warps=w) for w in (4, 8, 16, 32)]
+
+    def warps(block_c):
+        return [c.num_warps for c in unstructured_module._prune_warps(configs, {}, BLOCK_C=block_c)]
+
+    assert warps(32768) == [16, 32]  # 64 and 32 keys per thread
+    assert warps(8192) == [4, 8, 16]
+    assert warps(2048) == [4]
+    assert warps(256) == [4]  # short rows: the fewest warps offered

@@ -62,9 +62,12 @@ def test_graphed_runners_match_eager_on_cuda(family):
     model = tiny(family).half().cuda()
     prompt = torch.randint(3, 96, (2, 7), device="cuda")
     eager = GreedyDecoder(model, batch=2, max_len=32, use_graph=False).generate(prompt, 10)
-    graphed = GreedyDecoder(model, batch=2, max_len=32, use_graph=True).generate(prompt, 10)
+    graphed_decoder = GreedyDecoder(model, batch=2, max_len=32, use_graph=True)
+    graphed = graphed_decoder.generate(prompt, 10)
+    assert graphed_decoder.use_graph, "decode-step capture failed and fell back to eager"
     assert torch.equal(eager, graphed)
     ids = torch.randint(0, 96, (2, 16), device="cuda")
     runner = PrefillRunner(model, batch=2, seqlen=16, use_graph=True)
+    assert runner.use_graph, "prefill capture failed and fell back to eager"
     with torch.no_grad():
         torch.testing.assert_close(runner(ids), model(ids).logits[:, -1], rtol=1e-2, atol=1e-2)

@@ -94,3 +94,60 @@ def test_sparse24_linear_batched_leading_dims_and_errors(device):
         sparse24_linear(x.half(), values, meta)
     with pytest.raises(ValueError, match="meta must be"):
         sparse24_linear(x, values, meta[:, :2])
+
+
+def _every_gpu_config():
+    import wanda_kernels.sparse24_mm as sparse24_mm
+
+    return [
+        pytest.param(triton_config(o, k, w, path), id=f"path{path}-O{o}-K{k}-w{w}")
+        for path, tiles in sparse24_mm._GPU_CONFIGS.items()
+        for o, k, w in tiles
+    ]
+
+
+def triton_config(o, k, w, path):
+    import triton
+
+    return triton.Config({"BLOCK_O": o, "BLOCK_K": k, "PATH": path}, num_warps=w)
+
+
+@pytest.mark.parametrize("config", _every_gpu_config())
+@pytest.mark.parametrize("dtype,atol,rtol", [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-2, 1e-2)])
+def test_every_gpu_candidate_config_computes_the_same_product(config, dtype, atol, rtol, device, monkeypatch):
+    # The autotuner may pick any candidate the pruning keeps on a GPU; each must be right, including tile edges
+    # (40 rows, 136 columns: neither divides any tile) and token counts that only some paths take.
+    import triton
+
+    import wanda_kernels.sparse24_mm as sparse24_mm
+
+    single = triton.autotune(configs=[config], key=["n_out"])(sparse24_mm._sparse24_linear_kernel)
+    monkeypatch.setattr(sparse24_mm, "_sparse24_linear_tuned", single)
+    w = pruned_24((40, 136), dtype, device)
+    values, meta = pack_24(w)
+    gen = torch.Generator().manual_seed(3)
+    bias = torch.randn(40, generator=gen).to(dtype=dtype, device=device)
+    for n_tokens in (1, 3, 16):
+        block_m = min(triton.next_power_of_2(n_tokens), sparse24_mm.DOT_ROWS)
+        if not sparse24_mm._prune_configs([config], {}, BLOCK_M=block_m) == [config]:
+            continue  # never offered for this token count
+        x = torch.randn(n_tokens, 136, generator=gen).to(dtype=dtype, device=device)
+        want = torch.nn.functional.linear(x.double(), w.double(), bias.double())
+        torch.testing.assert_close(sparse24_linear(x, values, meta, bias).double(), want, atol=atol, rtol=rtol)
+
+
+def test_candidate_pruning_by_token_count():
+    import wanda_kernels.sparse24_mm as sparse24_mm
+
+    configs = [triton_config(o, k, w, p) for p, tiles in sparse24_mm._GPU_CONFIGS.items() for o, k, w in tiles]
+    for block_m in (1, 2, 4, 8, 16):
+        kept = sparse24_mm._prune_configs(configs, {}, BLOCK_M=block_m)
+        paths = {c.kwargs["PATH"] for c in kept}
+        assert sparse24_mm.PATH_DOT in paths
+        assert (sparse24_mm.PATH_TILE in paths) == (block_m <= 4)
+        for c in kept:
+            if c.kwargs["PATH"] == sparse24_mm.PATH_GATHER:
+                assert block_m * c.kwargs["BLOCK_O"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps
+    # (32, 256, 8) gathers 64 products per thread at one token, 256 at four: offered at 1 only.
+    big_gather = triton_config(32, 256, 8, sparse24_mm.PATH_GATHER)
+    assert sparse24_mm._prune_configs([big_gather, configs[0]], {}, BLOCK_M=4) == [configs[0]]

@@ -118,15 +118,29 @@ def _row_select_kernel(
 
 
 # num_warps is the one real tiling choice here (one row per program): fewer warps make each bisection
-# step's row-wide reduction cheaper and let more rows share an SM; more warps hold longer rows without
-# spilling. Measured per row length on first use; the weight is restored between trials (in-place kernel).
+# step's row-wide reduction cheaper and let more rows share an SM; more warps hold longer rows in fewer
+# registers per thread. Measured per row length on first use; the weight is restored between trials
+# (in-place kernel). Only the warp counts that give each thread 16-64 keys of a block are tried: past 64,
+# ptxas spills and compiles for seconds (7.7 s for a 32768-column block at 4 warps; the bisection loop itself
+# never spilled at 16-128 keys per thread in `ptxas -v` / nvdisasm for sm_90), below 16 warps mostly idle.
+KEYS_PER_THREAD = (16, 64)
+
+
+def _prune_warps(configs, named_args, **kwargs):
+    block_c = kwargs.get("BLOCK_C", named_args.get("BLOCK_C"))
+    low, high = KEYS_PER_THREAD
+    kept = [c for c in configs if low <= block_c // (32 * c.num_warps) <= high]
+    return kept or configs[:1]  # short rows: the fewest warps
+
+
 _row_select_tuned = triton.autotune(
     configs=tuning_configs(
-        [triton.Config({}, num_warps=w) for w in (4, 8, 16)],
+        [triton.Config({}, num_warps=w) for w in (4, 8, 16, 32)],
         triton.Config({}, num_warps=1 if interpreting() else 8),
     ),
     key=["n_cols", "BLOCK_C", "NUM_CHUNKS", "SCORE_MODE", "PRUNE_WEIGHT"],
     restore_value=["src_ptr"],
+    prune_configs_by={"early_config_prune": _prune_warps},
 )(_row_select_kernel)
 
 
