@@ -127,7 +127,7 @@ def test_every_gpu_candidate_config_computes_the_same_product(config, dtype, ato
     values, meta = pack_24(w)
     gen = torch.Generator().manual_seed(3)
     bias = torch.randn(40, generator=gen).to(dtype=dtype, device=device)
-    for n_tokens in (1, 3, 16):
+    for n_tokens in (1, 3, 16, 40):  # 40: three token tiles sharing each weight block
         block_m = min(triton.next_power_of_2(n_tokens), sparse24_mm.DOT_ROWS)
         if not sparse24_mm._prune_configs([config], {}, BLOCK_M=block_m) == [config]:
             continue  # never offered for this token count

@@ -62,9 +62,11 @@ def _sparse24_linear_kernel(
     BLOCK_K: tl.constexpr,
     PATH: tl.constexpr,
 ):
-    outs = (tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)).to(tl.int64)
+    # Token tiles vary fastest across programs: the tiles that share a weight block run side by side, so past
+    # the first, their reads of it come from L2 (more than 16 tokens; up to 16 there is one tile).
+    token0 = tl.program_id(0) * BLOCK_M
+    outs = (tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)).to(tl.int64)
     out_ok = outs < n_out
-    token0 = tl.program_id(1) * BLOCK_M
     n_kept = n_cols // 2
     if PATH == 2:  # PATH_DOT
         rows = tl.arange(0, _DOT_ROWS)
@@ -190,7 +192,7 @@ def sparse24_linear(
     block_m = min(triton.next_power_of_2(n_tokens), DOT_ROWS)  # decode sizes: one token tile, one weight read
 
     def grid(meta):
-        return triton.cdiv(n_out, meta["BLOCK_O"]), triton.cdiv(n_tokens, block_m)
+        return triton.cdiv(n_tokens, block_m), triton.cdiv(n_out, meta["BLOCK_O"])
 
     _sparse24_linear_tuned[grid](
         x2d, values.contiguous(), meta.contiguous(), bias if bias is not None else values, y,
