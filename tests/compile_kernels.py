@@ -3,7 +3,8 @@
 The interpreter runs the kernels' semantics on the CPU but never sees the GPU compiler, which can reject
 code the interpreter accepts. This script lowers each kernel, in the variants the launchers use, through
 Triton's CUDA backend to PTX and cubin (ptxas ships in the triton wheel) and prints each kernel's registers,
-spilled bytes (``ptxas -v``) and shared memory: a static look at GPU resource use, made without a GPU.
+spilled bytes (``ptxas -v``), shared memory and the SASS length of its longest loop (nvdisasm): a static look
+at GPU resource use and per-step issue cost, made without a GPU.
 It must run WITHOUT TRITON_INTERPRET (tests/test_kernels_compile.py starts it in a clean subprocess).
 """
 
@@ -36,7 +37,11 @@ I32 = "i32"
 
 
 def variant(kernel, pointer_types: dict[str, str], constexprs: dict[str, object], num_warps: int, **options):
+    """One compile of ``kernel``, specialized as Triton's launcher specializes a launch on contiguous tensors of
+    real model shapes: column strides are 1 (a constant), and every pointer and every other integer argument
+    is divisible by 16. So the code compiled here has the vectorized loads that such a launch gets."""
     names = kernel.arg_names
+    constexprs = {**{n: 1 for n in names if n.startswith("stride_") and n.endswith("col")}, **constexprs}
     signature = {}
     for name in names:
         if name in constexprs:
@@ -46,7 +51,8 @@ def variant(kernel, pointer_types: dict[str, str], constexprs: dict[str, object]
         else:
             signature[name] = I32
     consts = {(names.index(k),): v for k, v in constexprs.items()}
-    return kernel, signature, consts, {"num_warps": num_warps, **options}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name not in constexprs}
+    return kernel, signature, consts, attrs, {"num_warps": num_warps, **options}
 
 
 def variants():
@@ -132,16 +138,43 @@ def register_use(ptx: str, capability: int) -> str:
     return f"{regs.group(1):>3s} registers, {spills.group(1)} B spilled"
 
 
+def longest_loop(cubin: bytes) -> str:
+    """SASS instructions in the kernel's longest loop body (nvdisasm from the triton wheel): per-step issue
+    cost, the bound that a memory-bound kernel must stay under."""
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if not os.access(nvdisasm, os.X_OK):
+        return "loop ?"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True).stdout
+    label_at, branches, count = {}, [], 0
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            label_at[label.group(1)] = count
+        elif re.search(r"/\*[0-9a-f]{4}\*/\s+\S", line):
+            target = re.search(r"BRA.*`\((\.L_x_\d+)\)", line)
+            if target:
+                branches.append((target.group(1), count))
+            count += 1
+    # A 1-instruction "loop" is the BRA-to-self that ends every kernel.
+    lengths = [at - label_at[name] + 1 for name, at in branches if label_at.get(name, at) < at]
+    return f"loop {max(lengths)} instr" if lengths else "no loop"
+
+
 def main() -> int:
     failures = 0
     for capability in (80, 90):
         target = GPUTarget("cuda", capability, 32)
-        for label, (kernel, signature, consts, options) in variants():
+        for label, (kernel, signature, consts, attrs, options) in variants():
             try:
-                compiled = triton.compile(ASTSource(kernel, signature, consts), target=target, options=options)
+                compiled = triton.compile(ASTSource(kernel, signature, consts, attrs), target=target, options=options)
                 shared = getattr(compiled.metadata, "shared", None)
                 registers = register_use(compiled.asm["ptx"], capability)
-                print(f"ok   sm_{capability} {label:44s} {registers}, shared memory {shared} B")
+                loop = longest_loop(compiled.asm["cubin"])
+                print(f"ok   sm_{capability} {label:44s} {registers}, shared memory {shared} B, {loop}")
             except Exception as err:  # report every kernel, not just the first failure
                 failures += 1
                 print(f"FAIL sm_{capability} {label}: {type(err).__name__}: {str(err).splitlines()[0][:300]}")

@@ -144,7 +144,7 @@ def test_candidate_pruning_by_token_count():
         kept = sparse24_mm._prune_configs(configs, {}, BLOCK_M=block_m)
         paths = {c.kwargs["PATH"] for c in kept}
         assert sparse24_mm.PATH_DOT in paths
-        assert (sparse24_mm.PATH_TILE in paths) == (block_m <= 4)
+        assert (sparse24_mm.PATH_GATHER in paths) == (block_m <= 4)
         for c in kept:
             if c.kwargs["PATH"] == sparse24_mm.PATH_GATHER:
                 assert block_m * c.kwargs["BLOCK_O"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps
