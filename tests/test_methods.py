@@ -332,6 +332,45 @@ def test_accumulate_hessian_equals_one_shot() -> None:
     torch.testing.assert_close(hessian.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
+def test_tensor_core_hessian_path_combines_batches_like_the_reference(monkeypatch) -> None:
+    # The CUDA path (fp16/bf16 activations -> fp32 gram, 2/N applied after) cannot run here; stand in for the
+    # GEMM with an exact fp64 product and check how batches are folded in against the reference's formula.
+    from pruning.methods import sparsegpt as sparsegpt_module
+
+    assert sparsegpt_module._gram_on_tensor_cores(torch.randn(4, 8).half()) is None  # CPU: reference path
+    calls = []
+
+    def exact_gram(x2d):
+        calls.append(x2d.dtype)
+        return (x2d.double().T @ x2d.double()).float()
+
+    monkeypatch.setattr(sparsegpt_module, "_gram_on_tensor_cores", exact_gram)
+    n_cols = 48
+    batches = [b.half() for b in _calibration(7, n_cols, batch_sizes=(2, 5, 1))]
+    hessian, seen = torch.zeros(n_cols, n_cols), 0
+    for x in batches:
+        seen = accumulate_hessian_(hessian, x, seen)
+    assert calls == [torch.float16] * 3 and seen == 8
+    expected = _hessian([b.float() for b in batches])
+    torch.testing.assert_close(hessian.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_hessian_from_half_activations_uses_tensor_cores_on_cuda(dtype) -> None:
+    from pruning.methods import sparsegpt as sparsegpt_module
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 256, 512, generator=gen).to(dtype) for _ in range(3)]
+    hessian, seen = torch.zeros(512, 512, device="cuda"), 0
+    for x in batches:
+        seen = accumulate_hessian_(hessian, x.cuda(), seen)
+    assert sparsegpt_module._MM_OUT_DTYPE["works"] is True, "fell back to the fp32 SGEMM"
+    expected = _hessian([b.float() for b in batches])
+    # fp32 sums of 3072 exact products per entry: ~1e-6 of the largest entry
+    torch.testing.assert_close(hessian.cpu().double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
 @pytest.mark.parametrize("blocksize", [32, 128])
 @pytest.mark.parametrize("sparsity,n,m", PATTERNS)
 def test_sparsegpt_matches_plain_obs(sparsity: float, n: int, m: int, blocksize: int) -> None:
