@@ -332,6 +332,23 @@ def test_accumulate_hessian_equals_one_shot() -> None:
     torch.testing.assert_close(hessian.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
+def test_inverse_factor_equals_the_reference_chain() -> None:
+    # The reference: cholesky -> cholesky_inverse -> cholesky(upper). Ours: reversed Cholesky + triangular
+    # inverse. Both are the unique upper factor U of H^-1 (U^T U = H^-1); compared in fp64 and in fp32.
+    from pruning.methods.sparsegpt import _upper_cholesky_of_inverse
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(512, 96, generator=gen, dtype=torch.float64) * torch.rand(96, generator=gen, dtype=torch.float64)
+    h = x.T @ x + 0.01 * torch.eye(96, dtype=torch.float64)
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    ours = _upper_cholesky_of_inverse(h)
+    assert torch.equal(ours, torch.triu(ours)) and bool((torch.diagonal(ours) > 0).all())
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours.T @ ours, torch.linalg.inv(h), rtol=1e-9, atol=1e-12)
+    ours32 = _upper_cholesky_of_inverse(h.float()).double()
+    assert ((ours32 - reference).norm() / reference.norm()) < 1e-5
+
+
 def test_tensor_core_hessian_path_combines_batches_like_the_reference(monkeypatch) -> None:
     # The CUDA path (fp16/bf16 activations -> fp32 gram, 2/N applied after) cannot run here; stand in for the
     # GEMM with an exact fp64 product and check how batches are folded in against the reference's formula.
