@@ -288,4 +288,18 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
         raise ValueError(
             f"checkpoint does not match its config: missing {still_meta[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
+    for name in spec["modules"]:
+        check_meta_order(model.get_submodule(name).meta, name)
     return model.to(device).eval()
+
+
+def check_meta_order(meta: torch.Tensor, name: str) -> None:
+    """The format stores each group's two positions in increasing order, which the GEMV kernel relies on;
+    metadata that breaks it is corrupt (or written by something else), and is refused by name."""
+    nibbles = torch.stack([meta & 15, meta >> 4], dim=-1).to(torch.int32)
+    bad = int(((nibbles & 3) >= (nibbles >> 2)).sum())
+    if bad:
+        raise ValueError(
+            f"{name}: corrupt 2:4 metadata, {bad} groups whose two positions are not in increasing order; "
+            "re-export the checkpoint with --save_format sparse24"
+        )

@@ -1,4 +1,5 @@
-"""Compile every Triton kernel for real GPUs (sm_80, sm_90) without one: ``python tests/compile_kernels.py``.
+"""Compile every Triton kernel for real GPUs (sm_80, sm_90) without one: ``python tests/compile_kernels.py
+[--json FILE]`` (FILE: JSON lines, one record per variant, appended).
 
 The interpreter runs the kernels' semantics on the CPU but never sees the GPU compiler, which can reject
 code the interpreter accepts. This script lowers each kernel, in the variants the launchers use, through
@@ -117,14 +118,14 @@ def variants():
         yield f"sparsegpt_block nm={select_nm}", variant(kernel, ptrs, consts, 1, enable_fp_fusion=False)
 
 
-def register_use(ptx: str, capability: int) -> str:
-    """``ptxas -v``'s registers and spill bytes for this PTX (the ptxas that ships in the triton wheel)."""
+def register_use(ptx: str, capability: int) -> dict:
+    """``ptxas -v``'s registers and spilled bytes for this PTX (the ptxas that ships in the triton wheel)."""
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     # Triton >= 3.6 compiles sm_90+ with the newer "ptxas-blackwell" it ships beside the legacy one.
     names = ("ptxas-blackwell", "ptxas") if capability >= 90 else ("ptxas",)
     ptxas = next((os.path.join(bin_dir, n) for n in names if os.access(os.path.join(bin_dir, n), os.X_OK)), None)
     if ptxas is None:
-        return "registers: no ptxas"
+        return {}
     arch = "sm_90a" if capability == 90 else f"sm_{capability}"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
@@ -134,16 +135,16 @@ def register_use(ptx: str, capability: int) -> str:
     regs = re.search(r"Used (\d+) registers", out.stderr)
     spills = re.search(r"(\d+) bytes spill stores", out.stderr)
     if not regs or not spills:
-        return "registers: ?"
-    return f"{regs.group(1):>3s} registers, {spills.group(1)} B spilled"
+        return {}
+    return {"registers": int(regs.group(1)), "spilled_bytes": int(spills.group(1))}
 
 
-def longest_loop(cubin: bytes) -> str:
+def longest_loop(cubin: bytes) -> int | None:
     """SASS instructions in the kernel's longest loop body (nvdisasm from the triton wheel): per-step issue
     cost, the bound that a memory-bound kernel must stay under."""
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     if not os.access(nvdisasm, os.X_OK):
-        return "loop ?"
+        return None
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
@@ -161,25 +162,54 @@ def longest_loop(cubin: bytes) -> str:
             count += 1
     # A 1-instruction "loop" is the BRA-to-self that ends every kernel.
     lengths = [at - label_at[name] + 1 for name, at in branches if label_at.get(name, at) < at]
-    return f"loop {max(lengths)} instr" if lengths else "no loop"
+    return max(lengths) if lengths else 0
 
 
-def main() -> int:
-    failures = 0
+def dense_weights_per_step(kernel, consts: dict) -> int | None:
+    """For the 2:4 GEMV: dense weights one program covers per loop step (BLOCK_O x 2 BLOCK_K)."""
+    if kernel is not sparse24_mm._sparse24_linear_kernel:
+        return None
+    by_name = {kernel.arg_names[index[0]]: value for index, value in consts.items()}
+    return by_name["BLOCK_O"] * 2 * by_name["BLOCK_K"]
+
+
+def main(argv: list[str]) -> int:
+    json_path = argv[argv.index("--json") + 1] if "--json" in argv else None
+    failures, records = 0, []
     for capability in (80, 90):
         target = GPUTarget("cuda", capability, 32)
         for label, (kernel, signature, consts, attrs, options) in variants():
             try:
                 compiled = triton.compile(ASTSource(kernel, signature, consts, attrs), target=target, options=options)
-                shared = getattr(compiled.metadata, "shared", None)
-                registers = register_use(compiled.asm["ptx"], capability)
-                loop = longest_loop(compiled.asm["cubin"])
-                print(f"ok   sm_{capability} {label:44s} {registers}, shared memory {shared} B, {loop}")
             except Exception as err:  # report every kernel, not just the first failure
                 failures += 1
                 print(f"FAIL sm_{capability} {label}: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
+                continue
+            record = {"suite": "static", "op": label, "capability": capability, "num_warps": options["num_warps"],
+                      "shared_bytes": getattr(compiled.metadata, "shared", None),
+                      **register_use(compiled.asm["ptx"], capability),
+                      "loop_instructions": longest_loop(compiled.asm["cubin"])}  # fmt: skip
+            per_step = dense_weights_per_step(kernel, consts)
+            if per_step and record["loop_instructions"]:
+                # warp-instructions issued per dense weight: every warp runs the loop body once per step
+                record["warp_instr_per_dense_weight"] = record["loop_instructions"] * options["num_warps"] / per_step
+            records.append(record)
+            registers = f"{record.get('registers', '?'):>3} registers, {record.get('spilled_bytes', '?')} B spilled"
+            loop = f"loop {record['loop_instructions']} instr" if record["loop_instructions"] else "no loop"
+            per_weight = record.get("warp_instr_per_dense_weight")
+            extra = f", {per_weight:.3f} warp-instr/dense weight" if per_weight else ""
+            print(f"ok   sm_{capability} {label:44s} {registers}, shared {record['shared_bytes']} B, {loop}{extra}")
+    if json_path:
+        import datetime
+        import json
+
+        stamp = {"date": datetime.date.today().isoformat(), "triton": triton.__version__}
+        with open(json_path, "a") as f:
+            for record in records:
+                f.write(json.dumps({**record, **stamp}, sort_keys=True) + "\n")
+        print(f"{len(records)} records appended to {json_path}")
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -78,6 +78,32 @@ def test_a_weight_that_is_not_24_is_refused_by_name():
     assert not any(isinstance(m, Sparse24Linear) for m in model.modules())
 
 
+def test_load_sparse_refuses_metadata_out_of_order_by_module(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_sparse(pruned("opt"), None, tmp_path)
+    name = "model.decoder.layers.1.self_attn.k_proj"
+    state = load_file(str(tmp_path / "model.safetensors"))
+    # One byte, two groups: positions (0, 1) in order, then (3, 1), which the format never writes.
+    state[f"{name}.meta"][3, 2] = (0 | 1 << 2) << 4 | (3 | 1 << 2)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.k_proj: corrupt 2:4 metadata, 1 groups"):
+        load_sparse(tmp_path)
+
+
+def test_packed_positions_are_always_in_increasing_order():
+    from pruning.sparse24 import check_meta_order
+    from wanda_kernels.reference import pack_24_torch
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 64, generator=gen)
+    pruning.methods.prune_magnitude_(w, 0.5, 2, 4, backend="torch")
+    w[0, :8] = 0.0  # groups with 4 and 3 zeros: the kept positions are filled with zeros, still in order
+    w[1, 4:8] = torch.tensor([0.0, 0.0, 0.0, 2.0])
+    _, meta = pack_24_torch(w)
+    check_meta_order(meta, "w")
+
+
 def test_load_sparse_rejects_a_dense_checkpoint(tmp_path):
     tiny("opt").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not a sparse24 checkpoint"):

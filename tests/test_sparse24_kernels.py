@@ -145,8 +145,9 @@ def test_candidate_pruning_by_token_count():
         paths = {c.kwargs["PATH"] for c in kept}
         assert sparse24_mm.PATH_DOT in paths
         assert (sparse24_mm.PATH_GATHER in paths) == (block_m <= 4)
+        assert (sparse24_mm.PATH_GATHER_REDUCE in paths) == (block_m <= 2)  # 32 products per thread per token
         for c in kept:
-            if c.kwargs["PATH"] == sparse24_mm.PATH_GATHER:
+            if c.kwargs["PATH"] != sparse24_mm.PATH_DOT:
                 assert block_m * c.kwargs["BLOCK_O"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps
     # (32, 256, 8) gathers 64 products per thread at one token, 256 at four: offered at 1 only.
     big_gather = triton_config(32, 256, 8, sparse24_mm.PATH_GATHER)

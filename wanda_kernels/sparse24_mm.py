@@ -22,7 +22,7 @@ import triton.language as tl
 from wanda_kernels._runtime import check_kernel_device, interpreting, tuning_configs
 from wanda_kernels._validate import FLOAT_DTYPES
 
-PATH_GATHER, PATH_DOT = 0, 1  # how a program multiplies (see the module docstring)
+PATH_GATHER, PATH_DOT, PATH_GATHER_REDUCE = 0, 1, 2  # how a program multiplies (see the module docstring)
 DOT_ROWS = 16  # tl.dot's smallest M: the tensor-core path pads the token tile to this many rows
 _DOT_ROWS = tl.constexpr(DOT_ROWS)
 
@@ -31,21 +31,23 @@ _DOT_ROWS = tl.constexpr(DOT_ROWS)
 def _dense_weight_tile(values_ptr, meta_ptr, outs, out_ok, g0, n_groups, n_kept, meta_stride, BLOCK_G: tl.constexpr):
     """The dense-with-zeros weight [BLOCK_O, 4 * BLOCK_G] of groups g0.. (4 columns each), rebuilt in registers:
     each group's kept pair is one contiguous load, its two 2-bit positions share a byte with the next group's,
-    and the 4 columns are 2 compares and 2 selects each."""
+    and the 4 columns take 6 compares and 6 selects."""
     groups = g0 + tl.arange(0, BLOCK_G)
     ok = out_ok[:, None] & (groups < n_groups)[None, :]
     kept = 2 * groups[:, None] + tl.arange(0, 2)[None, :]  # [G, 2]
     pair = tl.load(values_ptr + outs[:, None, None] * n_kept + kept[None, :, :], mask=ok[:, :, None], other=0.0)
     v0, v1 = tl.split(pair)
-    byte = tl.load(meta_ptr + outs[:, None] * meta_stride + (groups // 2)[None, :], mask=ok, other=0).to(tl.int32)
-    positions = byte >> (4 * (groups % 2))[None, :]  # this group's nibble: first position, then second
+    byte = tl.load(meta_ptr + outs[:, None] * meta_stride + (groups >> 1)[None, :], mask=ok, other=0).to(tl.int32)
+    positions = byte >> ((groups & 1) * 4)[None, :]  # this group's nibble: first position, then second
     p0 = positions & 3
     p1 = (positions >> 2) & 3
     zero = tl.zeros_like(v0)
-    d0 = tl.where(p0 == 0, v0, tl.where(p1 == 0, v1, zero))
+    # The format keeps a group's two positions in increasing order (p0 < p1), so column 0 can only hold the
+    # first kept value and column 3 only the second.
+    d0 = tl.where(p0 == 0, v0, zero)
     d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
     d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
-    d3 = tl.where(p0 == 3, v0, tl.where(p1 == 3, v1, zero))
+    d3 = tl.where(p1 == 3, v1, zero)
     # join(join(d0, d2), join(d1, d3))[..., q, p] = d_{2q+p}: row-major over (q, p) is column order 0..3
     quad = tl.join(tl.join(d0, d2), tl.join(d1, d3))
     return tl.reshape(quad, [quad.shape[0], 4 * BLOCK_G])
@@ -71,7 +73,9 @@ def _sparse24_linear_kernel(
     PATH: tl.constexpr,
 ):
     # n_kept (= n_cols / 2) and meta_stride (= n_cols / 8) are arguments, not computed here, so that Triton's
-    # launcher sees that they divide by 16 on real shapes and vectorizes the row loads.
+    # launcher sees that they divide by 16 on real shapes and vectorizes the row loads. The index arithmetic's
+    # mix of `//`, shifts and masks is the one with the shortest loops under both triton 3.6 and 3.9 (SASS
+    # lengths from tests/compile_kernels.py; `//` and `%` on int32 can cost sign fix-ups).
     # Token tiles vary fastest across programs: the tiles that share a weight block run side by side, so past
     # the first, their reads of it come from L2 (more than 16 tokens; up to 16 there is one tile).
     token0 = tl.program_id(0) * BLOCK_M
@@ -84,7 +88,7 @@ def _sparse24_linear_kernel(
         x_rows = x_ptr + tokens.to(tl.int64)[:, None] * stride_x
         acc = tl.zeros([_DOT_ROWS, BLOCK_O], dtype=tl.float32)
         for k0 in range(0, n_kept, BLOCK_K):
-            w = _dense_weight_tile(values_ptr, meta_ptr, outs, out_ok, k0 // 2, n_kept // 2, n_kept, meta_stride,
+            w = _dense_weight_tile(values_ptr, meta_ptr, outs, out_ok, k0 >> 1, n_kept // 2, n_kept, meta_stride,
                                    BLOCK_K // 2)  # fmt: skip
             dcols = 2 * k0 + tl.arange(0, 2 * BLOCK_K)
             x = tl.load(x_rows + dcols[None, :], mask=token_ok[:, None] & (dcols < n_cols)[None, :], other=0.0)
@@ -92,23 +96,31 @@ def _sparse24_linear_kernel(
                 acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")  # no TF32 rounding
             else:
                 acc = tl.dot(x, tl.trans(w), acc)
-    else:  # PATH_GATHER: each kept value meets the x entry its index names
+    else:  # PATH_GATHER, PATH_GATHER_REDUCE: each kept value meets the x entry its index names
         rows = tl.arange(0, BLOCK_M)
         tokens = token0 + rows
         token_ok = tokens < n_tokens
         x_rows = x_ptr + tokens.to(tl.int64)[:, None, None] * stride_x
-        # Products accumulate element-wise; the one reduction over K happens after the loop, not every step.
-        partial = tl.zeros([BLOCK_M, BLOCK_O, BLOCK_K], dtype=tl.float32)
+        # PATH_GATHER accumulates products element-wise and reduces over K once, after the loop;
+        # PATH_GATHER_REDUCE reduces every step (cross-lane shuffles, but fewer registers: larger tiles fit).
+        # Which costs less depends on the compiler (SASS under triton 3.6 and 3.9 disagree), so both are offered.
+        acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
+        partial = tl.zeros([BLOCK_M, BLOCK_O, BLOCK_K if PATH == 0 else 1], dtype=tl.float32)
         for k0 in range(0, n_kept, BLOCK_K):
             kept = k0 + tl.arange(0, BLOCK_K)
             ok = out_ok[:, None] & (kept < n_kept)[None, :]
             values = tl.load(values_ptr + outs[:, None] * n_kept + kept[None, :], mask=ok, other=0.0)
             meta = tl.load(meta_ptr + outs[:, None] * meta_stride + (kept // 4)[None, :], mask=ok, other=0)
-            member = (meta.to(tl.int32) >> (2 * (kept % 4))[None, :]) & 3
-            cols = (kept // 2 * 4)[None, :] + member  # [BLOCK_O, BLOCK_K] input column of each kept value
+            member = (meta.to(tl.int32) >> ((kept & 3) * 2)[None, :]) & 3
+            cols = ((kept >> 1) << 2)[None, :] + member  # [BLOCK_O, BLOCK_K] input column of each kept value
             x = tl.load(x_rows + cols[None, :, :], mask=token_ok[:, None, None] & ok[None, :, :], other=0.0)
-            partial += x.to(tl.float32) * values.to(tl.float32)[None, :, :]
-        acc = tl.sum(partial, axis=2)
+            products = x.to(tl.float32) * values.to(tl.float32)[None, :, :]
+            if PATH == 0:
+                partial += products
+            else:
+                acc += tl.sum(products, axis=2)
+        if PATH == 0:
+            acc = tl.sum(partial, axis=2)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
     y_offs = tokens.to(tl.int64)[:, None] * n_out + outs[None, :]
@@ -120,19 +132,20 @@ def _sparse24_linear_kernel(
 # drops the ones that cannot work or would spill registers.
 _GPU_CONFIGS = {
     PATH_GATHER: [(8, 128, 2), (16, 128, 4), (32, 256, 8)],
+    PATH_GATHER_REDUCE: [(64, 64, 4), (32, 128, 4)],
     PATH_DOT: [(16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 8), (16, 256, 8)],
 }
 MAX_GATHER_ROWS = 4  # the gather's work grows with the token count; past 4 tokens only tensor cores are offered
-GATHER_ELEMENTS_PER_THREAD = 64  # BLOCK_M x BLOCK_O x BLOCK_K partial products per thread; ptxas spills past it
+GATHER_PRODUCTS_PER_THREAD = 64  # BLOCK_M x BLOCK_O x BLOCK_K products per thread; ptxas spills past it
 
 
 def _prune_configs(configs, named_args, **kwargs):
     block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
     kept = []
     for config in configs:
-        if config.kwargs["PATH"] == PATH_GATHER:
+        if config.kwargs["PATH"] != PATH_DOT:
             products = block_m * config.kwargs["BLOCK_O"] * config.kwargs["BLOCK_K"]
-            if block_m > MAX_GATHER_ROWS or products > GATHER_ELEMENTS_PER_THREAD * 32 * config.num_warps:
+            if block_m > MAX_GATHER_ROWS or products > GATHER_PRODUCTS_PER_THREAD * 32 * config.num_warps:
                 continue
         kept.append(config)
     return kept or configs[:1]
