@@ -73,9 +73,10 @@ def _sparse24_linear_kernel(
     PATH: tl.constexpr,
 ):
     # n_kept (= n_cols / 2) and meta_stride (= n_cols / 8) are arguments, not computed here, so that Triton's
-    # launcher sees that they divide by 16 on real shapes and vectorizes the row loads. The index arithmetic's
-    # mix of `//`, shifts and masks is the one with the shortest loops under both triton 3.6 and 3.9 (SASS
-    # lengths from tests/compile_kernels.py; `//` and `%` on int32 can cost sign fix-ups).
+    # launcher sees that they divide by 16 on real shapes and vectorizes the row loads. The index arithmetic
+    # (unsigned division, shifts, masks) is the mix with the shortest loops under both triton 3.6 and 3.9
+    # (SASS lengths from tests/compile_kernels.py): `//` on int32 costs sign fix-ups where 3.6 cannot prove
+    # the operand >= 0.
     # Token tiles vary fastest across programs: the tiles that share a weight block run side by side, so past
     # the first, their reads of it come from L2 (more than 16 tokens; up to 16 there is one tile).
     token0 = tl.program_id(0) * BLOCK_M
@@ -110,7 +111,8 @@ def _sparse24_linear_kernel(
             kept = k0 + tl.arange(0, BLOCK_K)
             ok = out_ok[:, None] & (kept < n_kept)[None, :]
             values = tl.load(values_ptr + outs[:, None] * n_kept + kept[None, :], mask=ok, other=0.0)
-            meta = tl.load(meta_ptr + outs[:, None] * meta_stride + (kept // 4)[None, :], mask=ok, other=0)
+            meta_col = kept.to(tl.uint32) // 4  # byte of each kept value's position
+            meta = tl.load(meta_ptr + outs[:, None] * meta_stride + meta_col[None, :], mask=ok, other=0)
             member = (meta.to(tl.int32) >> ((kept & 3) * 2)[None, :]) & 3
             cols = ((kept >> 1) << 2)[None, :] + member  # [BLOCK_O, BLOCK_K] input column of each kept value
             x = tl.load(x_rows + cols[None, :, :], mask=token_ok[:, None, None] & ok[None, :, :], other=0.0)
@@ -129,11 +131,13 @@ def _sparse24_linear_kernel(
 
 # Candidates, measured per shape and token count on first use on a GPU: (BLOCK_O output rows per program,
 # BLOCK_K kept values per step, num_warps). Which path wins is left to the measurement; ``_prune_configs``
-# drops the ones that cannot work or would spill registers.
+# drops the ones that cannot work or would spill registers. None of the offered (tile, token count) pairs
+# spills on sm_80 or sm_90 under triton 3.6 or 3.9 (tests/compile_kernels.py). 64-row tiles issue the fewest
+# instructions per weight but give only n_out / 64 programs, too few to fill a GPU on narrow layers.
 _GPU_CONFIGS = {
     PATH_GATHER: [(8, 128, 2), (16, 128, 4), (32, 256, 8)],
     PATH_GATHER_REDUCE: [(64, 64, 4), (32, 128, 4)],
-    PATH_DOT: [(16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 8), (16, 256, 8)],
+    PATH_DOT: [(16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 8), (64, 32, 4), (64, 64, 4)],
 }
 MAX_GATHER_ROWS = 4  # the gather's work grows with the token count; past 4 tokens only tensor cores are offered
 GATHER_PRODUCTS_PER_THREAD = 64  # BLOCK_M x BLOCK_O x BLOCK_K products per thread; ptxas spills past it
