@@ -385,7 +385,8 @@ def test_unstructured_warp_candidates_follow_the_row_block():
     def warps(block_c):
         return [c.num_warps for c in unstructured_module._prune_warps(configs, {}, BLOCK_C=block_c)]
 
-    assert warps(32768) == [16, 32]  # 64 and 32 keys per thread
+    assert warps(32768) == [8, 16, 32]  # 128, 64 and 32 keys per thread; 4 warps (256 keys) spill
+    assert warps(16384) == [4, 8, 16, 32]
     assert warps(8192) == [4, 8, 16]
     assert warps(2048) == [4]
     assert warps(256) == [4]  # short rows: the fewest warps offered

@@ -120,10 +120,10 @@ def _row_select_kernel(
 # num_warps is the one real tiling choice here (one row per program): fewer warps make each bisection
 # step's row-wide reduction cheaper and let more rows share an SM; more warps hold longer rows in fewer
 # registers per thread. Measured per row length on first use; the weight is restored between trials
-# (in-place kernel). Only the warp counts that give each thread 16-64 keys of a block are tried: past 64,
-# ptxas spills and compiles for seconds (7.7 s for a 32768-column block at 4 warps; the bisection loop itself
-# never spilled at 16-128 keys per thread in `ptxas -v` / nvdisasm for sm_90), below 16 warps mostly idle.
-KEYS_PER_THREAD = (16, 64)
+# (in-place kernel). Only the warp counts that give each thread 16-128 keys of a block are tried: at 256
+# (a 32768-column block at 4 warps) ptxas spills and takes ~2 s to compile, 5-10x the others (sm_90, launch
+# specialization, tests/compile_kernels.py); below 16 keys per thread most warps idle in the reductions.
+KEYS_PER_THREAD = (16, 128)
 
 
 def _prune_warps(configs, named_args, **kwargs):
