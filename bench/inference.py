@@ -51,6 +51,18 @@ SMOKE_CONTEXT, SMOKE_STEPS = 8, 4
 # --- models ----------------------------------------------------------------------------------------
 
 
+def _rebuild_rotary_buffers_(net: nn.Module) -> None:
+    """``to_empty`` leaves non-persistent buffers (the rotary ``inv_freq``, ``original_inv_freq``) holding
+    uninitialized memory. Each rotary module is built again from its config on the CPU (its constructor
+    computes them, whatever the transformers version) and its buffers copied over."""
+    for module in net.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "config"):
+            fresh = type(module)(module.config)
+            for name, buffer in fresh.named_buffers(recurse=False):
+                getattr(module, name).copy_(buffer)
+            module.attention_scaling = fresh.attention_scaling
+
+
 def build_random_llama(name: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """A random-weight LlamaForCausalLM of ``bench.shapes`` dims, allocated directly on ``device``."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -77,11 +89,7 @@ def build_random_llama(name: str, device: torch.device, dtype: torch.dtype) -> n
     with torch.device("meta"):
         net = LlamaForCausalLM(config)
     net = net.to(dtype=dtype).to_empty(device=device)
-    for module in net.modules():  # buffers (rotary inv_freq) came back uninitialized from to_empty
-        if hasattr(module, "rope_init_fn") and hasattr(module, "inv_freq"):
-            inv_freq, scaling = module.rope_init_fn(module.config, device)
-            module.inv_freq.copy_(inv_freq)
-            module.attention_scaling = scaling
+    _rebuild_rotary_buffers_(net)
     init_random_weights_(net)
     for module in net.modules():
         if type(module).__name__.endswith("RMSNorm"):
