@@ -121,7 +121,7 @@ def _row_select_kernel(
 # step's row-wide reduction cheaper and let more rows share an SM; more warps hold longer rows in fewer
 # registers per thread. Measured per row length on first use; the weight is restored between trials
 # (in-place kernel). Only the warp counts that give each thread 16-128 keys of a block are tried: at 256
-# (a 32768-column block at 4 warps) ptxas spills and takes ~2 s to compile, 5-10x the others (sm_90, launch
+# (a 32768-column block at 4 warps) ptxas spills and takes 2.2 s to compile, 2-9x the others (sm_90, launch
 # specialization, tests/compile_kernels.py); below 16 keys per thread most warps idle in the reductions.
 KEYS_PER_THREAD = (16, 128)
 
