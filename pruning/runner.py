@@ -6,6 +6,7 @@ On the CPU (or with ``use_graph=False``) the same code runs eagerly, which is ho
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 
@@ -50,6 +51,34 @@ def _capture(fn, warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
     return graph, out
 
 
+CAUSAL_SDPA = "wanda_causal_sdpa"  # SDPA registered with no mask function: causal, unpadded batches only
+
+
+@contextlib.contextmanager
+def _maskless_causal_sdpa(model: nn.Module):
+    """Within this block an SDPA model runs its attention as ``is_causal=True`` with no mask tensor, so SDPA may
+    pick its flash kernel, inside a CUDA graph too.
+
+    transformers builds no mask for an attention implementation that has no registered mask function, and its
+    SDPA integration then sets ``is_causal`` for queries longer than one token. Under plain ``"sdpa"`` it skips
+    the mask only after checking the mask's values on the host (a sync), and during stream capture it cannot
+    check, so it materializes a [B, 1, T, T] mask: the graphed prefill would run the slower masked kernel.
+    Right only for what PrefillRunner feeds: no cache, no padding, every sequence starting at position 0."""
+    config = model.config
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+    config._attn_implementation = CAUSAL_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
 class PrefillRunner:
     """``model(input_ids)`` for one [batch, seqlen] shape, returning the last position's logits [batch, vocab]
     (``logits_to_keep=1``: the full [B, T, vocab] projection is not part of a prefill)."""
@@ -66,7 +95,8 @@ class PrefillRunner:
 
     @torch.no_grad()
     def _forward(self) -> torch.Tensor:
-        return self.model(input_ids=self.input_ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+        with _maskless_causal_sdpa(self.model):
+            return self.model(input_ids=self.input_ids, use_cache=False, logits_to_keep=1).logits[:, -1]
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -92,12 +122,17 @@ class GreedyDecoder:
         self.cache_kwarg = _cache_kwarg(model)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
+        # Every slot of the static cache is "not padding"; causality (cache_position) hides the unwritten ones.
+        # Passing it keeps the step free of host syncs: without a mask, OPT sizes one from the cache's
+        # seen-token count, a device tensor read back with .item(), which a CUDA graph cannot capture.
+        self.attention_mask = torch.ones(batch, max_len, dtype=torch.long, device=device)
         self.graph = None
         self.length = 0
 
     def _run(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         out = self.model(
             input_ids=input_ids,
+            attention_mask=self.attention_mask,
             position_ids=cache_position.unsqueeze(0).expand(input_ids.shape[0], -1),
             cache_position=cache_position,
             use_cache=True,

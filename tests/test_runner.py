@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from pruning.runner import GreedyDecoder, PrefillRunner
@@ -71,3 +72,52 @@ def test_graphed_runners_match_eager_on_cuda(family):
     assert runner.use_graph, "prefill capture failed and fell back to eager"
     with torch.no_grad():
         torch.testing.assert_close(runner(ids), model(ids).logits[:, -1], rtol=1e-2, atol=1e-2)
+
+
+class _CaptureHazards(TorchDispatchMode):
+    """Records what would go wrong inside a CUDA graph: ops that read a device value back to the host
+    (``.item()``, data-dependent shapes), which capture refuses, and how attention was called."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique_consecutive", "_unique2"}
+
+    def __init__(self):
+        super().__init__()
+        self.syncs, self.attention = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in self.SYNCING:
+            self.syncs.append(str(func))
+        if name.startswith("_scaled_dot_product"):  # (q, k, v, dropout_p, is_causal, *, attn_mask, ...)
+            is_causal = args[4] if len(args) > 4 else kwargs.get("is_causal", False)
+            self.attention.append((kwargs.get("attn_mask") is not None, bool(is_causal)))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("capturing", [False, True], ids=["eager", "capturing"])
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_runners_are_capturable_and_prefill_stays_maskless(family, capturing, monkeypatch):
+    """What a CUDA graph needs, checked on the CPU. transformers changes course while a stream is capturing
+    (it stops reading masks on the host and builds them instead), so that state is simulated too."""
+    import transformers.utils.import_utils as hf_import_utils
+
+    model = tiny(family)
+    decoder = GreedyDecoder(model, batch=2, max_len=32, use_graph=False)
+    decoder.prefill(torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(0)))
+    decoder.step()
+    runner = PrefillRunner(model, batch=2, seqlen=10, use_graph=False)
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits[:, -1]
+    if capturing:
+        monkeypatch.setattr(hf_import_utils, "is_cuda_stream_capturing", lambda: True)
+    with _CaptureHazards() as step:
+        decoder.step()
+    with _CaptureHazards() as prefill:
+        got = runner(ids)
+    assert step.syncs == [] and prefill.syncs == []
+    # Prefill attention: no mask tensor, is_causal=True (what lets SDPA pick its flash kernel), same logits.
+    assert prefill.attention == [(False, True)] * model.config.num_hidden_layers
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert model.config._attn_implementation == "sdpa"  # restored after the prefill
