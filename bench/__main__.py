@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         default="opt-6.7b,opt-13b,llama-7b",
         help="inference: comma-separated models for the whole-model part ('none': per-Linear part only)",
     )
+    parser.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="inference: run transformers' own RMSNorm/rotary ops instead of pruning.fusion's one-kernel versions",
+    )
     from bench import e2e
 
     e2e.add_arguments(parser)
@@ -61,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     suites = {
         "kernels": lambda: kernels.run(device, smoke=smoke, reps=3 if smoke else args.reps),
         "e2e": lambda: e2e.iter_from_args(device, smoke, args),
-        "inference": lambda: inference.run(device, smoke, models=_model_list(args.inference_models)),
+        "inference": lambda: inference.run(
+            device, smoke, models=_model_list(args.inference_models), fuse=not args.no_fuse
+        ),
     }
     records = []
     for suite in args.suites:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU check, prepared for a session with ~15 minutes of device time and no network.
 # With no arguments it runs, in priority order (open issues first), each step capped by the time left:
-#   1. the tests that need CUDA: every test marked `gpu`, and the 2:4 GEMV kernel tests on the GPU
+#   1. the tests that need CUDA: every test marked `gpu`, and the 2:4 GEMV and decode-fusion kernel tests on the GPU
 #      (GPU_CHECK_ALL_TESTS=1 adds tests/test_kernels.py, which the CPU interpreter already covers);
 #   2. python -m bench inference e2e --e2e-run sparsegpt: 2:4 per-Linear and whole-model prefill/decode,
 #      then SparseGPT on OPT-1.3B against the reference code path;
@@ -90,8 +90,8 @@ main() {
         else
             echo "=== no test file has gpu-marked tests"
         fi
-        kernel_tests=(tests/test_sparse24_kernels.py)
-        [[ -n "${GPU_CHECK_ALL_TESTS:-}" ]] && kernel_tests=(tests/test_kernels.py tests/test_sparse24_kernels.py)
+        kernel_tests=(tests/test_sparse24_kernels.py tests/test_fusion.py)
+        [[ -n "${GPU_CHECK_ALL_TESTS:-}" ]] && kernel_tests=(tests/test_kernels.py "${kernel_tests[@]}")
         step "kernel tests on the GPU" 120 "$BENCH_RESERVE" "0" "$PY" -m pytest -q -p no:cacheprovider "${kernel_tests[@]}"
     fi
 

@@ -10,7 +10,9 @@ Two parts, both measured in one run on one device:
            to Sparse24Linear: prefill B x T in {1x2048, 8x2048} through PrefillRunner (CUDA graph), and
            greedy decode tokens/s at batch 1 and 8 after a 512-token context through GreedyDecoder (static KV
            cache, one graph replay per token). The sparse model's last-position logits must match the
-           dense-with-zeros model's (relative error < 1e-2).
+           dense-with-zeros model's (relative error < 1e-2). Both run with ``pruning.fusion``'s one-kernel
+           RMSNorm and rotary embedding (LLaMA), so launch-bound small ops do not dilute either side;
+           ``--no-fuse`` measures transformers' own ops instead (records say which: ``fused_small_ops``).
 
 CPU smoke mode: tiny models and shapes, eager runners, Sparse24Linear's CPU (dense) fallback: it keeps the
 harness tested; its timings mean nothing.
@@ -193,7 +195,7 @@ def bench_linears(device: torch.device, smoke: bool, dtype: torch.dtype, reps: i
 # --- whole models ---------------------------------------------------------------------------------------
 
 
-def _measure_model(model, label, provider, device, dtype, smoke, reps, reference: dict) -> list[dict]:
+def _measure_model(model, label, provider, device, dtype, smoke, reps, reference: dict, fused: dict) -> list[dict]:
     from pruning.runner import GreedyDecoder, PrefillRunner
 
     vocab = model.config.vocab_size
@@ -212,7 +214,8 @@ def _measure_model(model, label, provider, device, dtype, smoke, reps, reference
         tokens_per_s = batch * seqlen / (timing["median_ms"] * 1e-3)
         ref_ms = reference[key]["median_ms"] if key in reference else None
         records.append(_record("prefill", provider, label, (batch, seqlen), dtype, timing, ref_ms, correct,
-                               tokens_per_s=tokens_per_s, cuda_graph=runner.use_graph))  # fmt: skip
+                               tokens_per_s=tokens_per_s, cuda_graph=runner.use_graph,
+                               fused_small_ops=fused))  # fmt: skip
         reference.setdefault(key, {"logits": logits, "median_ms": timing["median_ms"]})
         del runner
     context, steps = (SMOKE_CONTEXT, SMOKE_STEPS) if smoke else (DECODE_CONTEXT, DECODE_STEPS)
@@ -233,13 +236,17 @@ def _measure_model(model, label, provider, device, dtype, smoke, reps, reference
         key = ("decode", batch)
         ref_ms = reference[key]["median_ms"] if key in reference else None
         records.append(_record("decode", provider, label, (batch, context), dtype, timing, ref_ms, None,
-                               tokens_per_s=batch * 1e3 / ms_per_token, cuda_graph=decoder.use_graph))  # fmt: skip
+                               tokens_per_s=batch * 1e3 / ms_per_token, cuda_graph=decoder.use_graph,
+                               fused_small_ops=fused))  # fmt: skip
         reference.setdefault(key, {"median_ms": ms_per_token})
         del decoder
     return records
 
 
-def bench_models(device: torch.device, smoke: bool, dtype: torch.dtype, reps: int, models=None) -> list[dict]:
+def bench_models(
+    device: torch.device, smoke: bool, dtype: torch.dtype, reps: int, models=None, fuse: bool = True
+) -> list[dict]:
+    from pruning.fusion import fuse_small_ops_
     from pruning.sparse24 import compress_model_24
 
     records = []
@@ -249,6 +256,7 @@ def bench_models(device: torch.device, smoke: bool, dtype: torch.dtype, reps: in
         log.info("inference: %s", name)
         model = build_model(name, device, dtype)
         prune_24_(model)
+        fused = fuse_small_ops_(model) if fuse else {}
         reference: dict = {}
         for provider in ("dense", "sparse24"):
             if provider == "sparse24":
@@ -257,7 +265,7 @@ def bench_models(device: torch.device, smoke: bool, dtype: torch.dtype, reps: in
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             try:
-                records += _measure_model(model, name, provider, device, dtype, smoke, reps, reference)
+                records += _measure_model(model, name, provider, device, dtype, smoke, reps, reference, fused)
             except (RuntimeError, ValueError) as err:  # keep the other models' numbers; the failure is a record
                 log.exception("inference: %s %s failed", name, provider)
                 timing = {"median_ms": None, "p20_ms": None, "p80_ms": None, "reps": 0}
@@ -269,8 +277,10 @@ def bench_models(device: torch.device, smoke: bool, dtype: torch.dtype, reps: in
     return records
 
 
-def run(device: torch.device, smoke: bool, reps: int = 10, models: tuple[str, ...] | None = None) -> list[dict]:
+def run(
+    device: torch.device, smoke: bool, reps: int = 10, models: tuple[str, ...] | None = None, fuse: bool = True
+) -> list[dict]:
     """Per-Linear then whole-model records; ``models`` overrides MODEL_NAMES (() = per-Linear only)."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     reps = min(reps, 10)
-    return bench_linears(device, smoke, dtype, reps) + bench_models(device, smoke, dtype, reps, models)
+    return bench_linears(device, smoke, dtype, reps) + bench_models(device, smoke, dtype, reps, models, fuse)

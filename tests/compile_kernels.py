@@ -27,6 +27,8 @@ from triton.compiler import ASTSource  # noqa: E402
 import wanda_kernels.magnitude as magnitude  # noqa: E402
 import wanda_kernels.nm as nm  # noqa: E402
 import wanda_kernels.pack24 as pack24  # noqa: E402
+import wanda_kernels.rmsnorm as rmsnorm  # noqa: E402
+import wanda_kernels.rope as rope  # noqa: E402
 import wanda_kernels.scores as scores  # noqa: E402
 import wanda_kernels.select as selection  # noqa: E402
 import wanda_kernels.sparse24_mm as sparse24_mm  # noqa: E402
@@ -109,6 +111,13 @@ def variants():
     ptrs = {"x_ptr": "*fp32", "values_ptr": "*fp32", "meta_ptr": "*u8", "bias_ptr": "*fp32", "y_ptr": "*fp32"}
     consts = {"HAS_BIAS": False, "BLOCK_M": 2, "BLOCK_O": 16, "BLOCK_K": 64, "PATH": sparse24_mm.PATH_DOT}
     yield "sparse24_linear fp32 dot (ieee)", variant(sparse24_mm._sparse24_linear_kernel, ptrs, consts, 4)
+    for dtype, block in (("fp16", 4096), ("bf16", 8192)):
+        ptrs = {"x_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "eps": "fp32"}
+        yield f"rms_norm {dtype} D<={block}", variant(rmsnorm._rms_norm_kernel, ptrs, {"BLOCK": block}, block // 512)
+    for dtype in ("fp16", "bf16"):
+        ptrs = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_out_ptr")}
+        consts = {"BLOCK_D": 128, "BLOCK_H": 32}
+        yield f"rotary {dtype} D128", variant(rope._rotary_kernel, ptrs, consts, 4, enable_fp_fusion=False)
     for select_nm, n, m in ((False, 0, 1), (True, 2, 4)):
         ptrs = {"w_ptr": "*fp32", "hinv_ptr": "*fp32", "mask_ptr": "*u8", "err_ptr": "*fp32"}
         block_c = 128

@@ -21,6 +21,9 @@ def test_inference_smoke_records():
         prefill_sparse = [r for r in rows if r["op"] == "prefill" and r["provider"] == "sparse24"]
         assert len(prefill_sparse) == len(inference.SMOKE_PREFILL)
         assert all(r["correct"] for r in prefill_sparse), "sparse logits differ from dense-with-zeros"
+        # The LLaMA-shaped model runs the one-kernel RMSNorm/rotary (2 norms per layer + the final one).
+        want_fused = {"rms_norm": 5, "rotary": 2} if model.startswith("llama") else {"rms_norm": 0, "rotary": 0}
+        assert all(r["fused_small_ops"] == want_fused for r in rows if r["op"] in ("prefill", "decode"))
         decode = [r for r in rows if r["op"] == "decode"]
         assert {(r["provider"], r["shape"][0]) for r in decode} == {
             (p, b) for p in ("dense", "sparse24") for b in inference.DECODE_BATCHES

@@ -1,5 +1,6 @@
 """Triton kernels for Wanda pruning: calibration statistics, scores, fused mask selection,
-the SparseGPT column-block update, and the 2:4 packed format with its sparse GEMV.
+the SparseGPT column-block update, the 2:4 packed format with its sparse GEMV, and the one-kernel
+RMSNorm and rotary embedding that shorten a decode step.
 
 Every op has a plain-torch reference with the same signature in ``wanda_kernels.reference``
 (``<op>_torch``); the reference defines the semantics. Masks are bool, True = prune.
@@ -9,6 +10,8 @@ from wanda_kernels.fused import wanda_prune_
 from wanda_kernels.magnitude import magnitude_mask
 from wanda_kernels.nm import nm_mask
 from wanda_kernels.pack24 import pack_24, unpack_24, wanda_prune_pack_24
+from wanda_kernels.rmsnorm import rms_norm
+from wanda_kernels.rope import rotary
 from wanda_kernels.scores import wanda_scores
 from wanda_kernels.select import kth_smallest
 from wanda_kernels.sparse24_mm import sparse24_linear
@@ -22,6 +25,8 @@ __all__ = [
     "magnitude_mask",
     "nm_mask",
     "pack_24",
+    "rms_norm",
+    "rotary",
     "sparse24_linear",
     "sparsegpt_block_",
     "unpack_24",

@@ -195,3 +195,24 @@ def kth_smallest_torch(x: torch.Tensor, k: int, absolute: bool = False) -> torch
     """fp32 0-d tensor: ``sort(x.flatten())[k]`` (of ``|x|`` when ``absolute``), torch.sort's NaN-last order."""
     values = x.abs() if absolute else x
     return torch.sort(values.flatten().float())[0][k]
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' ``LlamaRMSNorm.forward``: the mean of squares in fp32, the normalized row rounded to x's
+    dtype, then multiplied by the weight (in their promoted dtype)."""
+    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * normed.to(x.dtype)).contiguous()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary_torch(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``apply_rotary_pos_emb`` (``unsqueeze_dim=1``): q [B, Hq, T, D], k [B, Hk, T, D],
+    cos/sin [B or 1, T, D] broadcast over heads."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

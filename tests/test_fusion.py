@@ -1,0 +1,220 @@
+"""Fused RMSNorm and rotary kernels against their torch references (= transformers' formulas), and the model
+glue that swaps them into LLaMA-family layers without changing the outputs."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+from pruning.fusion import FusedRMSNorm, fuse_small_ops_
+from pruning.runner import GreedyDecoder, PrefillRunner
+from wanda_kernels.reference import rms_norm_torch, rotary_torch
+from wanda_kernels.rmsnorm import rms_norm
+from wanda_kernels.rope import rotary
+
+MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
+
+
+def assert_within_ulps(got: torch.Tensor, want: torch.Tensor, ulps: int) -> None:
+    """|got - want| <= ulps units in the last place of want's dtype (relative: 2^-mantissa of the value)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    rel = 2.0 ** -MANTISSA_BITS[want.dtype]
+    bound = ulps * rel * want.float().abs() + torch.finfo(want.dtype).tiny
+    excess = ((got.float() - want.float()).abs() - bound).max().item()
+    assert excess <= 0, f"off by more than {ulps} ulp(s): worst excess {excess:.3g}"
+
+
+def interpreter_bf16_ulps(dtype: torch.dtype, device: torch.device) -> int:
+    """Triton's CPU interpreter truncates fp32 -> bf16 (a GPU rounds to nearest): one more ulp per rounding."""
+    return 1 if dtype == torch.bfloat16 and device.type == "cpu" else 0
+
+
+# --- RMSNorm ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 96), (7, 100)])
+@pytest.mark.parametrize("eps", [1e-6, 0.25])
+def test_rms_norm_matches_reference(device, dtype, shape, eps):
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = (3 * torch.randn(shape, generator=gen)).to(device=device, dtype=dtype)
+    weight = torch.randn(shape[-1], generator=gen).to(device=device, dtype=dtype)
+    got, want = rms_norm(x, weight, eps), rms_norm_torch(x, weight, eps)
+    assert got.is_contiguous()
+    if dtype == torch.float32:  # the fp32 sum's order and rsqrt's last bit
+        torch.testing.assert_close(got, want, rtol=4e-7, atol=1e-7)
+    else:  # then rounded to 16 bits twice, as the module does
+        assert_within_ulps(got, want, 1 + 2 * interpreter_bf16_ulps(dtype, device))
+
+
+def test_rms_norm_strided_input_and_fp32_weight(device):
+    """A non-contiguous row view, and an fp32 weight with fp16 input (torch promotes the product to fp32)."""
+    base = torch.randn(6, 2, 80, generator=torch.Generator().manual_seed(3)).to(device=device, dtype=torch.float16)
+    x = base[:, 1, :]  # row stride 160
+    weight = torch.randn(80, generator=torch.Generator().manual_seed(4)).to(device)
+    got, want = rms_norm(x, weight, 1e-5), rms_norm_torch(x, weight, 1e-5)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=4e-7, atol=1e-7)
+
+
+def test_rms_norm_matches_transformers_module(device):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    module = LlamaRMSNorm(64, eps=1e-5).to(device=device, dtype=torch.float16)
+    module.weight.data.normal_(generator=torch.Generator(device=device).manual_seed(0))
+    x = torch.randn(4, 3, 64, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=torch.float16)
+    with torch.no_grad():
+        want = module(x)
+    assert torch.equal(rms_norm_torch(x, module.weight, 1e-5), want)
+    assert_within_ulps(rms_norm(x, module.weight, 1e-5), want, 1)
+
+
+def test_rms_norm_refuses_bad_arguments(device):
+    x = torch.randn(2, 8, device=device)
+    with pytest.raises(ValueError, match="weight must"):
+        rms_norm(x, torch.ones(7, device=device), 1e-6)
+    with pytest.raises(ValueError, match="x must"):
+        rms_norm(x.long(), torch.ones(8, device=device), 1e-6)
+    with pytest.raises(ValueError, match="eps"):
+        rms_norm(x, torch.ones(8, device=device), -1.0)
+
+
+# --- rotary ----------------------------------------------------------------------------------------------
+
+
+def _rotary_inputs(device, dtype, batch=2, q_heads=5, k_heads=2, n_pos=3, head_dim=64, cos_batch=1, seed=0):
+    """q and k as attention builds them: [B, T, H, D] projections viewed as [B, H, T, D] (non-contiguous)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, n_pos, q_heads, head_dim, generator=gen).to(device=device, dtype=dtype).transpose(1, 2)
+    k = torch.randn(batch, n_pos, k_heads, head_dim, generator=gen).to(device=device, dtype=dtype).transpose(1, 2)
+    angles = torch.rand(cos_batch, n_pos, head_dim // 2, generator=gen) * 6.3
+    angles = torch.cat([angles, angles], dim=-1)  # as LlamaRotaryEmbedding: the two halves share frequencies
+    return q, k, angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "dims", [{}, {"head_dim": 10, "q_heads": 3, "k_heads": 3}, {"batch": 3, "cos_batch": 3, "n_pos": 1}]
+)
+def test_rotary_is_torch_bit_for_bit(device, dtype, dims):
+    q, k, cos, sin = _rotary_inputs(device, dtype, **dims)
+    (q_got, k_got), (q_want, k_want) = rotary(q, k, cos, sin), rotary_torch(q, k, cos, sin)
+    for got, want, x in ((q_got, q_want, q), (k_got, k_want, k)):
+        # The attention's layout is kept (strides of size-1 dims carry no meaning).
+        def strides(t):
+            return [st for st, n in zip(t.stride(), t.shape, strict=True) if n > 1]
+
+        assert strides(got) == strides(want)
+        if interpreter_bf16_ulps(dtype, device):
+            # Truncated products and sum: within 2 bf16 ulps of the terms' magnitudes (not of the result, which
+            # can cancel to near zero).
+            rotated = torch.cat([-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]], dim=-1)
+            terms = (x.float() * cos.float()[:, None]).abs() + (rotated.float() * sin.float()[:, None]).abs()
+            assert ((got.float() - want.float()).abs() <= 2 * 2.0**-7 * terms + 1e-30).all()
+        else:
+            assert torch.equal(got, want)
+
+
+def test_rotary_reference_is_transformers_function(device):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q, k, cos, sin = _rotary_inputs(device, torch.float16)
+    for got, want in zip(rotary_torch(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_rotary_refuses_bad_arguments(device):
+    q, k, cos, sin = _rotary_inputs(device, torch.float16)
+    with pytest.raises(ValueError, match="k must"):
+        rotary(q, k[:, :, :2], cos, sin)
+    with pytest.raises(ValueError, match="cos must"):
+        rotary(q, k, cos[..., :32], sin)
+    with pytest.raises(ValueError, match="share one float dtype"):
+        rotary(q, k, cos.float(), sin.float())
+    with pytest.raises(ValueError, match="even"):
+        rotary(q[..., :7], k[..., :7], cos[..., :7], sin[..., :7])
+
+
+# --- model glue ------------------------------------------------------------------------------------------
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    for module in model.modules():  # non-trivial norm weights, so a dropped weight product would show
+        if type(module).__name__.endswith("RMSNorm"):
+            module.weight.data.uniform_(0.5, 1.5)
+    return model
+
+
+class _OpCounts(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_fused_llama_gives_the_same_outputs():
+    from transformers.models.llama import modeling_llama
+
+    plain, fused = tiny_llama(), tiny_llama()
+    original_rotary = modeling_llama.apply_rotary_pos_emb
+    assert fuse_small_ops_(fused) == {"rms_norm": 5, "rotary": 2}  # 2 per layer + the final norm; 1 per layer
+    assert fuse_small_ops_(fused) == {"rms_norm": 5, "rotary": 2}  # idempotent: nothing wrapped twice
+    assert not hasattr(fused.model.layers[0].self_attn.forward.__wrapped__, "fused_rotary")
+    assert sum(isinstance(m, FusedRMSNorm) for m in fused.modules()) == 5
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+    assert modeling_llama.apply_rotary_pos_emb is original_rotary  # restored after each attention call
+    prompt = ids[:, :5]
+    decoders = [GreedyDecoder(m, batch=2, max_len=16, use_graph=False) for m in (plain, fused)]
+    for decoder in decoders:
+        decoder.prefill(prompt)
+    for _ in range(3):  # feed both the same token, compare the step's logits
+        for decoder in decoders:
+            decoder.token.copy_(decoders[0].token)
+            decoder.position.fill_(decoder.length)
+        with torch.no_grad():
+            logits = [
+                d.model(input_ids=d.token, attention_mask=d.attention_mask, position_ids=d.position.expand(2, 1),
+                        cache_position=d.position, use_cache=True, **{d.cache_kwarg: d.cache}).logits
+                for d in decoders
+            ]  # fmt: skip
+        torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+        for decoder in decoders:
+            decoder.length += 1
+    runners = [PrefillRunner(m, batch=2, seqlen=9, use_graph=False) for m in (plain, fused)]
+    torch.testing.assert_close(runners[1](ids), runners[0](ids), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_decode_step_skips_the_elementwise_chains():
+    """The torch ops of RMSNorm (pow, mean, rsqrt) and rotary (neg, cat) are gone from a fused decode step."""
+    chains = ("pow", "mean", "rsqrt", "neg")
+    counts = {}
+    for fuse in (False, True):
+        model = tiny_llama()
+        if fuse:
+            fuse_small_ops_(model)
+        decoder = GreedyDecoder(model, batch=1, max_len=16, use_graph=False)
+        decoder.prefill(torch.randint(0, 96, (1, 4), generator=torch.Generator().manual_seed(2)))
+        with _OpCounts() as ops:
+            decoder.step()
+        counts[fuse] = {name: ops.counts[name] for name in chains}
+    assert all(counts[False][name] > 0 for name in chains)
+    assert counts[True] == dict.fromkeys(chains, 0)
+
+
+def test_opt_has_nothing_to_fuse():
+    config = OPTConfig(vocab_size=96, hidden_size=32, word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=1,
+                       num_attention_heads=2, max_position_embeddings=32)  # fmt: skip
+    assert fuse_small_ops_(OPTForCausalLM(config)) == {"rms_norm": 0, "rotary": 0}
