@@ -194,6 +194,54 @@ def bench_linears(device: torch.device, smoke: bool, dtype: torch.dtype, reps: i
 
 # --- whole models ---------------------------------------------------------------------------------------
 
+# Where a decode step's GPU time goes, by kernel name. Attention first: its kernels' names can contain "cutlass"
+# or "splitk" too (fmha_cutlassF..., flash_fwd_splitkv...).
+KERNEL_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "softmax", "sdpa")),
+    ("linear", ("sparse24_linear", "gemv", "gemm", "cutlass", "xmma", "cublas", "cusparselt", "splitk")),
+)
+
+
+def classify_kernel(name: str) -> str:
+    lower = name.lower()
+    for category, markers in KERNEL_CATEGORIES:
+        if any(marker in lower for marker in markers):
+            return category
+    return "other"
+
+
+def summarize_kernels(kernels: list[tuple[str, float]], steps: int) -> dict:
+    """Per decode step: kernel count and GPU microseconds by category, and the costliest 'other' kernels."""
+    summary = {"kernels_per_step": len(kernels) / steps}
+    other: dict[str, float] = {}
+    for category in [c for c, _ in KERNEL_CATEGORIES] + ["other"]:
+        chosen = [(name, us) for name, us in kernels if classify_kernel(name) == category]
+        summary[f"{category}_kernels_per_step"] = len(chosen) / steps
+        summary[f"{category}_us_per_step"] = sum(us for _, us in chosen) / steps
+        if category == "other":
+            for name, us in chosen:
+                other[name[:100]] = other.get(name[:100], 0.0) + us / steps
+    summary["top_other_us_per_step"] = sorted(other.items(), key=lambda item: -item[1])[:6]
+    return summary
+
+
+def _profile_decode_steps(decoder, steps: int = 4) -> dict:
+    """The GPU kernels of a few decode steps (graph replays included), by category; a diagnosis, not the timing."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                decoder.step()
+            torch.cuda.synchronize()
+        kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+        return summarize_kernels(kernels, steps)
+    except Exception as err:  # diagnostics must not cost the measurements
+        log.warning("inference: decode profile failed: %s", err)
+        return {"error": str(err)[:300]}
+
 
 def _measure_model(model, label, provider, device, dtype, smoke, reps, reference: dict, fused: dict) -> list[dict]:
     from pruning.runner import GreedyDecoder, PrefillRunner
@@ -221,7 +269,7 @@ def _measure_model(model, label, provider, device, dtype, smoke, reps, reference
     context, steps = (SMOKE_CONTEXT, SMOKE_STEPS) if smoke else (DECODE_CONTEXT, DECODE_STEPS)
     for batch in DECODE_BATCHES:
         prompt = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
-        decoder = GreedyDecoder(model, batch, context + steps + 2)
+        decoder = GreedyDecoder(model, batch, context + steps + 8)  # + the profiled steps
         decoder.prefill(prompt)
         decoder.step()  # captures the graph (GPU) outside the timed region
         if device.type == "cuda":
@@ -232,12 +280,13 @@ def _measure_model(model, label, provider, device, dtype, smoke, reps, reference
         if device.type == "cuda":
             torch.cuda.synchronize()
         ms_per_token = (time.perf_counter() - t0) * 1e3 / steps
+        profile = _profile_decode_steps(decoder) if device.type == "cuda" else None
         timing = {"median_ms": ms_per_token, "p20_ms": ms_per_token, "p80_ms": ms_per_token, "reps": steps}
         key = ("decode", batch)
         ref_ms = reference[key]["median_ms"] if key in reference else None
         records.append(_record("decode", provider, label, (batch, context), dtype, timing, ref_ms, None,
                                tokens_per_s=batch * 1e3 / ms_per_token, cuda_graph=decoder.use_graph,
-                               fused_small_ops=fused))  # fmt: skip
+                               fused_small_ops=fused, kernel_profile=profile))  # fmt: skip
         reference.setdefault(key, {"median_ms": ms_per_token})
         del decoder
     return records

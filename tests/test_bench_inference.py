@@ -44,3 +44,22 @@ def test_random_llama_is_a_working_model():
     with torch.no_grad():
         logits = model(torch.randint(0, 128, (1, 8))).logits
     assert torch.isfinite(logits).all() and logits.std() > 0
+
+
+def test_decode_kernels_are_classified():
+    kernels = [
+        ("sparse24_linear_kernel", 10.0),
+        ("void gemv2T_kernel_val<int, int, __half>", 8.0),
+        ("sm90_xmma_gemm_f16f16_f16f32", 6.0),
+        ("fmha_cutlassF_f16_aligned_64x64_rf_sm80", 4.0),  # attention, though it names cutlass
+        ("flash_fwd_splitkv_kernel", 3.0),  # attention, though it names splitk
+        ("triton_rms_norm_kernel", 2.0),
+        ("void at::native::elementwise_kernel<add>", 1.0),
+        ("void at::native::elementwise_kernel<add>", 1.0),
+    ]
+    summary = inference.summarize_kernels(kernels, steps=2)
+    assert summary["kernels_per_step"] == 4
+    assert summary["linear_kernels_per_step"] == 1.5 and summary["linear_us_per_step"] == 12
+    assert summary["attention_kernels_per_step"] == 1 and summary["attention_us_per_step"] == 3.5
+    assert summary["other_kernels_per_step"] == 1.5 and summary["other_us_per_step"] == 2
+    assert summary["top_other_us_per_step"][0] == ("triton_rms_norm_kernel", 1.0)
