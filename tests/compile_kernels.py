@@ -212,7 +212,9 @@ def main(argv: list[str]) -> int:
         import datetime
         import json
 
-        stamp = {"date": datetime.date.today().isoformat(), "triton": triton.__version__}
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        stamp = {"date": datetime.date.today().isoformat(), "triton": triton.__version__,
+                 "git_sha": git.stdout.strip() or None}  # fmt: skip
         with open(json_path, "a") as f:
             for record in records:
                 f.write(json.dumps({**record, **stamp}, sort_keys=True) + "\n")

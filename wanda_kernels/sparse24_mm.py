@@ -9,6 +9,8 @@ Decode is memory-bound: a dense GEMV reads 16 bits per weight, this kernel reads
 output rows and every token of the call (up to 16), so the packed weight is read from DRAM once. Per step
 it takes BLOCK_K kept values along the row, in one of two ways that the autotuner measures per shape:
   * gather: each kept value meets the x entry its 2-bit index names (an [M, O, K] gather, M <= 4);
+  * select (one token): each step loads the x entries of its K/2 groups once, 4 per group, for all BLOCK_O
+    rows; each kept value takes its entry with two compares and selects instead of a gathered load;
   * dot: the [O, 2K] dense-with-zeros tile is rebuilt in registers and goes through tl.dot (tensor cores),
     the token tile padded to 16 rows.
 """
@@ -22,7 +24,7 @@ import triton.language as tl
 from wanda_kernels._runtime import check_kernel_device, interpreting, tuning_configs
 from wanda_kernels._validate import FLOAT_DTYPES
 
-PATH_GATHER, PATH_DOT, PATH_GATHER_REDUCE = 0, 1, 2  # how a program multiplies (see the module docstring)
+PATH_GATHER, PATH_DOT, PATH_GATHER_REDUCE, PATH_SELECT = 0, 1, 2, 3  # how a program multiplies (module docstring)
 DOT_ROWS = 16  # tl.dot's smallest M: the tensor-core path pads the token tile to this many rows
 _DOT_ROWS = tl.constexpr(DOT_ROWS)
 
@@ -97,6 +99,35 @@ def _sparse24_linear_kernel(
                 acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")  # no TF32 rounding
             else:
                 acc = tl.dot(x, tl.trans(w), acc)
+    elif PATH == 3:  # PATH_SELECT, one token: the group's 4 x entries are loaded once per step for all rows
+        rows = tl.arange(0, BLOCK_M)
+        tokens = token0 + rows
+        token_ok = tokens < n_tokens
+        x_row = x_ptr + token0.to(tl.int64) * stride_x
+        n_groups = n_kept // 2
+        partial = tl.zeros([BLOCK_O, BLOCK_K // 2], dtype=tl.float32)
+        for g0 in range(0, n_groups, BLOCK_K // 2):
+            groups = g0 + tl.arange(0, BLOCK_K // 2)
+            group_ok = groups < n_groups
+            ok = out_ok[:, None] & group_ok[None, :]
+            kept = 2 * groups[:, None] + tl.arange(0, 2)[None, :]  # [G, 2]
+            pair = tl.load(values_ptr + outs[:, None, None] * n_kept + kept[None, :, :], mask=ok[:, :, None], other=0.0)
+            v0, v1 = tl.split(pair)
+            byte = tl.load(meta_ptr + outs[:, None] * meta_stride + (groups >> 1)[None, :], mask=ok, other=0)
+            positions = byte.to(tl.int32) >> ((groups & 1) * 4)[None, :]
+            p0 = positions & 3
+            p1 = (positions >> 2) & 3
+            quad = 4 * groups[:, None] + tl.arange(0, 4)[None, :]  # [G, 4]: the group's x entries, one load
+            xq = tl.load(x_row + quad, mask=group_ok[:, None], other=0.0).to(tl.float32)
+            x_even, x_odd = tl.split(tl.reshape(xq, [BLOCK_K // 2, 2, 2]))  # [g, i] = xq[g, 2i] / xq[g, 2i + 1]
+            x0, x2 = tl.split(x_even)
+            x1, x3 = tl.split(x_odd)
+            # p0 < p1 (format): the first kept value sits in column 0-2, the second in 1-3.
+            x_first = tl.where(p0 == 0, x0[None, :], tl.where(p0 == 1, x1[None, :], x2[None, :]))
+            x_second = tl.where(p1 == 3, x3[None, :], tl.where(p1 == 2, x2[None, :], x1[None, :]))
+            partial += v0.to(tl.float32) * x_first
+            partial += v1.to(tl.float32) * x_second
+        acc = tl.sum(partial, axis=1)[None, :]
     else:  # PATH_GATHER, PATH_GATHER_REDUCE: each kept value meets the x entry its index names
         rows = tl.arange(0, BLOCK_M)
         tokens = token0 + rows
@@ -138,6 +169,9 @@ _GPU_CONFIGS = {
     PATH_GATHER: [(8, 128, 2), (16, 128, 4), (32, 256, 8)],
     PATH_GATHER_REDUCE: [(64, 64, 4), (32, 128, 4)],
     PATH_DOT: [(16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 8), (64, 32, 4), (64, 64, 4)],
+    # Static cost (tests/compile_kernels.py, sm_90, fp16): 64x64 w4 issues 0.204 warp-instructions per dense
+    # weight under triton 3.6, 16x256 w4 0.195 under 3.9: the least of any path at one token.
+    PATH_SELECT: [(64, 64, 4), (32, 128, 4), (16, 256, 4), (8, 128, 2)],
 }
 MAX_GATHER_ROWS = 4  # the gather's work grows with the token count; past 4 tokens only tensor cores are offered
 GATHER_PRODUCTS_PER_THREAD = 64  # BLOCK_M x BLOCK_O x BLOCK_K products per thread; ptxas spills past it
@@ -147,6 +181,8 @@ def _prune_configs(configs, named_args, **kwargs):
     block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
     kept = []
     for config in configs:
+        if config.kwargs["PATH"] == PATH_SELECT and block_m != 1:
+            continue  # written for one token
         if config.kwargs["PATH"] != PATH_DOT:
             products = block_m * config.kwargs["BLOCK_O"] * config.kwargs["BLOCK_K"]
             if block_m > MAX_GATHER_ROWS or products > GATHER_PRODUCTS_PER_THREAD * 32 * config.num_warps:
