@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-fuse",
         action="store_true",
-        help="inference: run transformers' own RMSNorm/rotary ops instead of pruning.fusion's one-kernel versions",
+        help="inference: run transformers' layers as written (no one-kernel RMSNorm/rotary, no fused q/k/v)",
     )
     from bench import e2e
 

@@ -10,9 +10,10 @@ Two parts, both measured in one run on one device:
            to Sparse24Linear: prefill B x T in {1x2048, 8x2048} through PrefillRunner (CUDA graph), and
            greedy decode tokens/s at batch 1 and 8 after a 512-token context through GreedyDecoder (static KV
            cache, one graph replay per token). The sparse model's last-position logits must match the
-           dense-with-zeros model's (relative error < 1e-2). Both run with ``pruning.fusion``'s one-kernel
-           RMSNorm and rotary embedding (LLaMA), so launch-bound small ops do not dilute either side;
-           ``--no-fuse`` measures transformers' own ops instead (records say which: ``fused_small_ops``).
+           dense-with-zeros model's (relative error < 1e-2). Both run with ``pruning.fusion``: one-kernel
+           RMSNorm and rotary embedding (LLaMA), so launch-bound small ops do not dilute either side, and
+           q/k/v (and gate/up) fused into one product; ``--no-fuse`` measures transformers' layers as
+           written (records say which: ``fused_small_ops``).
 
 CPU smoke mode: tiny models and shapes, eager runners, Sparse24Linear's CPU (dense) fallback: it keeps the
 harness tested; its timings mean nothing.
@@ -295,7 +296,7 @@ def _measure_model(model, label, provider, device, dtype, smoke, reps, reference
 def bench_models(
     device: torch.device, smoke: bool, dtype: torch.dtype, reps: int, models=None, fuse: bool = True
 ) -> list[dict]:
-    from pruning.fusion import fuse_small_ops_
+    from pruning.fusion import fuse_projections_, fuse_small_ops_
     from pruning.sparse24 import compress_model_24
 
     records = []
@@ -305,7 +306,7 @@ def bench_models(
         log.info("inference: %s", name)
         model = build_model(name, device, dtype)
         prune_24_(model)
-        fused = fuse_small_ops_(model) if fuse else {}
+        fused = {**fuse_small_ops_(model), "projections": fuse_projections_(model)} if fuse else {}
         reference: dict = {}
         for provider in ("dense", "sparse24"):
             if provider == "sparse24":

@@ -1,4 +1,7 @@
-"""Fused kernels for the small per-token ops of LLaMA-family layers, so that a decode step launches fewer kernels.
+"""Fewer, larger kernels per decoder layer, for inference: the same outputs from fewer launches.
+
+* :func:`fuse_small_ops_`: one kernel for each RMSNorm and each rotary embedding (LLaMA family).
+* :func:`fuse_projections_`: the Linears that read the same input (q/k/v; LLaMA's gate/up) run as one.
 
 At decode sizes the Linears read their weights at memory speed and everything else is launch-bound: in
 transformers' LLaMA layer an RMSNorm is six elementwise kernels and the rotary embedding ten, against seven
@@ -8,12 +11,19 @@ Linears. Inside a CUDA graph each still costs a few microseconds of GPU time, pa
 bit-identical to torch's expression, the norm within 1 ulp of the input dtype (the order of the fp32 sum).
 
 OPT layers have nothing of the kind to fuse (``nn.LayerNorm`` is one kernel already).
+
+Fusing the projections turns three GEMVs (decode) or GEMMs (prefill) into one with three times the rows:
+two launches fewer per layer, more programs to fill the GPU on narrow layers at decode, and at prefill a
+2:4 GEMM of FFN-like proportions instead of square ones (which gain least from cuSPARSELt). Works for dense
+Linears and for :class:`pruning.sparse24.Sparse24Linear` (row-wise format: the packed rows stack). Inference
+only: a fused model is not saved (``pruning.outputs`` refuses it).
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import weakref
 
 import torch
 from torch import nn
@@ -95,3 +105,101 @@ def fuse_small_ops_(model: nn.Module) -> dict[str, int]:
                 module.forward = _with_fused_rotary(module.forward, modeling)
             counts["rotary"] += 1
     return counts
+
+
+class SharedInputLinears(nn.Module):
+    """Linears that read one input, run as one ``fused`` module; each original Linear becomes a
+    :class:`ProjectionSlice` that returns its columns of the fused output.
+
+    The first slice called with an input computes the fused product; the others, called with that same tensor
+    object, take their part of it. Once every part has been taken, the output is released. A slice called with
+    another input (or twice) recomputes, so the results are right whatever the call order."""
+
+    def __init__(self, fused: nn.Module, out_sizes: list[int]):
+        super().__init__()
+        self.fused = fused
+        self.bounds = [(sum(out_sizes[:i]), sum(out_sizes[: i + 1])) for i in range(len(out_sizes))]
+        self._input: weakref.ref | None = None
+        self._output: torch.Tensor | None = None
+        self._pending: set[int] = set()
+
+    def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if self._input is None or self._input() is not x or index not in self._pending:
+            self._output = self.fused(x)
+            self._input = weakref.ref(x)
+            self._pending = set(range(len(self.bounds)))
+        begin, end = self.bounds[index]
+        out = self._output[..., begin:end]  # a view: last-dim stride 1, as attention and the MLP need
+        self._pending.discard(index)
+        if not self._pending:
+            self._input = self._output = None
+        return out
+
+
+class ProjectionSlice(nn.Module):
+    """Stands where one of the fused Linears was (``q_proj``, ...): its output columns of the shared product."""
+
+    def __init__(self, shared: SharedInputLinears, index: int, in_features: int, out_features: int):
+        super().__init__()
+        self.shared = shared
+        self.index = index
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared.part(self.index, x)
+
+    def extra_repr(self) -> str:
+        return f"part {self.index} of {len(self.shared.bounds)}, in_features={self.in_features}, out_features={self.out_features}"  # noqa: E501
+
+
+def _concat_linears(modules: list[nn.Module]) -> nn.Module | None:
+    from pruning.sparse24 import Sparse24Linear
+
+    first = modules[0]
+    if any(type(m) is not type(first) for m in modules):
+        return None
+    if isinstance(first, Sparse24Linear):
+        return Sparse24Linear.concat_rows(modules)
+    if type(first) is not nn.Linear:
+        return None
+    same = all(m.in_features == first.in_features and (m.bias is None) == (first.bias is None) for m in modules)
+    if not same or len({(m.weight.dtype, m.weight.device) for m in modules}) != 1:
+        return None
+    weight = first.weight
+    fused = nn.Linear(first.in_features, sum(m.out_features for m in modules), bias=first.bias is not None,
+                      device=weight.device, dtype=weight.dtype)  # fmt: skip
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([m.weight for m in modules]))
+        if first.bias is not None:
+            fused.bias.copy_(torch.cat([m.bias for m in modules]))
+    return fused
+
+
+@torch.no_grad()
+def fuse_projections_(model: nn.Module) -> int:
+    """In place: in every decoder layer, each group of Linears that read the same input (the adapter's
+    ``linear_groups``: q/k/v, LLaMA's gate/up) becomes one module, dense or 2:4. Returns how many groups were
+    fused. Groups of mixed kinds, dtypes or bias presence are left as they are. Idempotent."""
+    from pruning.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    fused_groups = 0
+    for layer in adapter.layers(model):
+        for names in adapter.linear_groups:
+            if len(names) < 2:
+                continue
+            modules = [layer.get_submodule(name) for name in names]
+            fused = _concat_linears(modules)
+            if fused is None:
+                continue
+            shared = SharedInputLinears(fused, [m.out_features for m in modules])
+            for index, (name, module) in enumerate(zip(names, modules, strict=True)):
+                parent_name, _, child = name.rpartition(".")
+                parent = layer.get_submodule(parent_name) if parent_name else layer
+                setattr(parent, child, ProjectionSlice(shared, index, module.in_features, module.out_features))
+            fused_groups += 1
+    return fused_groups
+
+
+def has_fused_projections(model: nn.Module) -> bool:
+    return any(isinstance(m, ProjectionSlice) for m in model.modules())

@@ -73,6 +73,21 @@ class Sparse24Linear(nn.Module):
             module.bias.data.copy_(linear.bias.data)
         return module
 
+    @classmethod
+    def concat_rows(cls, modules: list[Sparse24Linear]) -> Sparse24Linear:
+        """One module whose output is the concatenation of ``modules``' outputs (same input): the 2:4 format is
+        row-wise, so the packed values and indices simply stack."""
+        first = modules[0]
+        if any(m.in_features != first.in_features or (m.bias is None) != (first.bias is None) for m in modules):
+            raise ValueError("only Sparse24Linears with one in_features and all or no biases can be concatenated")
+        out_features = sum(m.out_features for m in modules)
+        fused = cls(first.in_features, out_features, first.bias is not None, first.values.dtype, first.values.device)
+        fused.values.copy_(torch.cat([m.values for m in modules]))
+        fused.meta.copy_(torch.cat([m.meta for m in modules]))
+        if first.bias is not None:
+            fused.bias.data.copy_(torch.cat([m.bias.data for m in modules]))
+        return fused
+
     def to_dense(self) -> torch.Tensor:
         """The dense [O, C] weight with exact zeros."""
         return _unpack(self.values, self.meta)

@@ -22,7 +22,9 @@ def test_inference_smoke_records():
         assert len(prefill_sparse) == len(inference.SMOKE_PREFILL)
         assert all(r["correct"] for r in prefill_sparse), "sparse logits differ from dense-with-zeros"
         # The LLaMA-shaped model runs the one-kernel RMSNorm/rotary (2 norms per layer + the final one).
-        want_fused = {"rms_norm": 5, "rotary": 2} if model.startswith("llama") else {"rms_norm": 0, "rotary": 0}
+        # and q/k/v (+ gate/up) as one product per layer (2 layers each).
+        llama = model.startswith("llama")
+        want_fused = {"rms_norm": 5 if llama else 0, "rotary": 2 if llama else 0, "projections": 4 if llama else 2}
         assert all(r["fused_small_ops"] == want_fused for r in rows if r["op"] in ("prefill", "decode"))
         decode = [r for r in rows if r["op"] == "decode"]
         assert {(r["provider"], r["shape"][0]) for r in decode} == {

@@ -7,6 +7,7 @@ import collections
 
 import pytest
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
@@ -218,3 +219,125 @@ def test_opt_has_nothing_to_fuse():
     config = OPTConfig(vocab_size=96, hidden_size=32, word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=1,
                        num_attention_heads=2, max_position_embeddings=32)  # fmt: skip
     assert fuse_small_ops_(OPTForCausalLM(config)) == {"rms_norm": 0, "rotary": 0}
+
+
+# --- fused projections -----------------------------------------------------------------------------------
+
+
+def tiny_opt() -> OPTForCausalLM:
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=96, hidden_size=64, word_embed_proj_dim=64, ffn_dim=128, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
+    return OPTForCausalLM(config).eval()
+
+
+def _decode_logits(model, prompt, steps=3):
+    """Logits of a prefill and a few greedy steps through GreedyDecoder's path (static cache)."""
+    decoder = GreedyDecoder(model, batch=prompt.shape[0], max_len=16, use_graph=False)
+    decoder.prefill(prompt)
+    out = []
+    for _ in range(steps):
+        decoder.position.fill_(decoder.length)
+        with torch.no_grad():
+            out.append(
+                model(input_ids=decoder.token, attention_mask=decoder.attention_mask, cache_position=decoder.position,
+                      position_ids=decoder.position.expand(prompt.shape[0], 1), use_cache=True,
+                      **{decoder.cache_kwarg: decoder.cache}).logits
+            )  # fmt: skip
+        decoder.token.copy_(out[-1][:, -1].argmax(-1, keepdim=True))
+        decoder.length += 1
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("family,groups", [("opt", 2), ("llama", 4)])
+def test_fused_projections_give_the_same_outputs(family, groups):
+    from pruning.fusion import ProjectionSlice, fuse_projections_
+
+    build = tiny_opt if family == "opt" else tiny_llama
+    plain, fused = build(), build()
+    assert fuse_projections_(fused) == groups  # q/k/v per layer, and gate/up for LLaMA
+    assert fuse_projections_(fused) == 0  # nothing is fused twice
+    slices_per_layer = 5 if family == "llama" else 3  # q, k, v (+ gate, up)
+    assert sum(isinstance(m, ProjectionSlice) for m in fused.modules()) == 2 * slices_per_layer
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_decode_logits(fused, ids[:, :5]), _decode_logits(plain, ids[:, :5]), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+    runners = [PrefillRunner(m, batch=2, seqlen=9, use_graph=False) for m in (plain, fused)]
+    torch.testing.assert_close(runners[1](ids), runners[0](ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,saved_per_layer", [("opt", 2), ("llama", 3)])  # q/k/v: 3 -> 1, gate/up: 2 -> 1
+def test_fused_projections_launch_one_product_per_group(family, saved_per_layer):
+    from pruning.fusion import fuse_projections_
+
+    counts = {}
+    for fuse in (False, True):
+        model = tiny_llama() if family == "llama" else tiny_opt()
+        if fuse:
+            fuse_projections_(model)
+        decoder = GreedyDecoder(model, batch=1, max_len=16, use_graph=False)
+        decoder.prefill(torch.randint(0, 96, (1, 4), generator=torch.Generator().manual_seed(2)))
+        with _OpCounts() as ops:
+            decoder.step()
+        counts[fuse] = ops.counts["mm"] + ops.counts["addmm"]
+    assert counts[False] - counts[True] == saved_per_layer * 2  # 2 layers
+
+
+def test_slices_are_right_in_any_call_order():
+    from pruning.fusion import SharedInputLinears
+
+    linears = [nn.Linear(8, n) for n in (3, 5, 2)]
+    fused = nn.Linear(8, 10)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([m.weight for m in linears]))
+        fused.bias.copy_(torch.cat([m.bias for m in linears]))
+    shared = SharedInputLinears(fused, [3, 5, 2])
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    with torch.no_grad():
+        for index, inp in [(2, x), (0, x), (0, y), (1, x), (1, y), (2, y), (2, y)]:
+            torch.testing.assert_close(shared.part(index, inp), linears[index](inp))
+    assert shared._output is None or shared._pending  # released once every part of an input was taken
+
+
+def test_fused_projections_compress_and_stack_as_2_4():
+    """Fuse then compress (the bench's order), or compress then fuse (a loaded checkpoint): same outputs."""
+    from pruning.fusion import fuse_projections_
+    from pruning.methods import prune_magnitude_
+    from pruning.sparse24 import Sparse24Linear, compress_model_24
+
+    def pruned_llama():
+        model = tiny_llama()
+        for layer in model.model.layers:
+            for module in layer.modules():
+                if isinstance(module, nn.Linear):
+                    prune_magnitude_(module.weight.data, 0.5, 2, 4, backend="torch")
+        return model
+
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(5))
+    reference = pruned_llama()
+    with torch.no_grad():
+        want = reference(ids).logits
+    fuse_then_compress, compress_then_fuse = pruned_llama(), pruned_llama()
+    fuse_projections_(fuse_then_compress)
+    compressed = compress_model_24(fuse_then_compress)
+    assert sum("shared.fused" in name for name in compressed) == 4  # 2 fused groups per layer
+    compress_model_24(compress_then_fuse)
+    assert fuse_projections_(compress_then_fuse) == 4
+    qkv = compress_then_fuse.model.layers[0].self_attn.q_proj.shared.fused
+    assert isinstance(qkv, Sparse24Linear) and qkv.out_features == 64 + 2 * 32
+    with torch.no_grad(), pytest.warns(UserWarning, match="dense"):
+        for model in (fuse_then_compress, compress_then_fuse):
+            torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_fused_model_is_not_saved(tmp_path):
+    from pruning.fusion import fuse_projections_
+    from pruning.outputs import save_model_atomically
+
+    model = tiny_opt()
+    fuse_projections_(model)
+    with pytest.raises(ValueError, match="fused for inference"):
+        save_model_atomically(model, None, tmp_path / "out", overwrite=False)
+    assert list(tmp_path.iterdir()) == []
