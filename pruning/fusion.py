@@ -60,7 +60,10 @@ def fused_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, *, fallback):
     from wanda_kernels.rope import rotary
 
     covered = (
-        unsqueeze_dim == 1 and q.ndim == 4 and cos.ndim == 3 and q.dtype == k.dtype == cos.dtype == sin.dtype
+        unsqueeze_dim == 1 and q.ndim == k.ndim == 4 and cos.ndim == sin.ndim == 3
+        and cos.shape == sin.shape and cos.shape[0] in (1, q.shape[0]) and cos.shape[1:] == q.shape[2:]
+        and k.shape[0] == q.shape[0] and k.shape[2:] == q.shape[2:] and q.shape[-1] % 2 == 0
+        and q.dtype == k.dtype == cos.dtype == sin.dtype
         and _kernels_run_on(q) and q.device == k.device == cos.device == sin.device
     )  # fmt: skip
     if not covered:

@@ -341,3 +341,21 @@ def test_a_fused_model_is_not_saved(tmp_path):
     with pytest.raises(ValueError, match="fused for inference"):
         save_model_atomically(model, None, tmp_path / "out", overwrite=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fused_rotary_falls_back_for_what_it_does_not_cover(device):
+    """Partial rotary (cos narrower than the head), another unsqueeze_dim: the model's own function runs."""
+    from pruning.fusion import fused_apply_rotary_pos_emb
+
+    calls = []
+
+    def fallback(q, k, cos, sin, unsqueeze_dim):
+        calls.append(unsqueeze_dim)
+        return q, k
+
+    q, k, cos, sin = _rotary_inputs(device, torch.float32)
+    fused_apply_rotary_pos_emb(q, k, cos[..., :32], sin[..., :32], fallback=fallback)
+    fused_apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 2, fallback=fallback)
+    assert calls == [1, 2]
+    got = fused_apply_rotary_pos_emb(q, k, cos, sin, fallback=fallback)
+    assert calls == [1, 2] and torch.equal(got[0], rotary_torch(q, k, cos, sin)[0])
