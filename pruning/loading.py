@@ -128,6 +128,41 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _is_sparse24_checkpoint(source: str) -> bool:
+    """A local directory written with ``--save_format sparse24`` (its config names the format)."""
+    import json
+
+    from pruning.sparse24 import FORMAT
+
+    config_path = Path(source) / "config.json"
+    if not config_path.is_file():
+        return False
+    try:
+        spec = json.loads(config_path.read_text()).get("sparsity_config")
+    except (OSError, ValueError):
+        return False
+    return isinstance(spec, dict) and spec.get("format") == FORMAT
+
+
+def _load_sparse24_as_dense(name: str, source: str, dtype: torch.dtype, device_map: str | None) -> nn.Module:
+    """A 2:4-compressed checkpoint as a plain model: ``from_pretrained`` would find no ``weight`` for its
+    compressed Linears and initialize them at random (a warning, then wrong results), so it is loaded with
+    ``pruning.load_sparse`` and each Linear gets back its exact dense-with-zeros weight."""
+    from pruning.sparse24 import decompress_model_24_, load_sparse
+
+    if device_map:
+        raise ValueError(
+            f"{name!r} is a 2:4-compressed (sparse24) checkpoint, which loads whole, without --device_map; "
+            "save the model with --save_format dense to place it across devices"
+        )
+    model = load_sparse(source, device="cpu")
+    decompress_model_24_(model)
+    del model.config.sparsity_config  # dense again: saved from here, it is a plain checkpoint
+    log.info("%s: sparse24 checkpoint, Linears decompressed to dense-with-zeros (pruning.load_sparse keeps "
+             "them compressed for sparse inference)", name)  # fmt: skip
+    return model.to(dtype)
+
+
 def load_model(
     name: str, cache_dir: str | None = None, dtype: str = "auto", device_map: str | None = None, offload: bool = False
 ) -> nn.Module:
@@ -137,13 +172,16 @@ def load_model(
 
     torch_dtype = resolve_dtype(dtype)
     source, kwargs = _source(name)
-    kwargs.update(cache_dir=cache_dir, dtype=torch_dtype, low_cpu_mem_usage=True)
-    if device_map:
-        kwargs["device_map"] = device_map
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as err:
-        raise _not_found(name, cache_dir, err, "local_files_only" in kwargs) from None
+    if _is_sparse24_checkpoint(source):
+        model = _load_sparse24_as_dense(name, source, torch_dtype, device_map)
+    else:
+        kwargs.update(cache_dir=cache_dir, dtype=torch_dtype, low_cpu_mem_usage=True)
+        if device_map:
+            kwargs["device_map"] = device_map
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as err:
+            raise _not_found(name, cache_dir, err, "local_files_only" in kwargs) from None
     model.eval()
     if device_map or not torch.cuda.is_available():
         return model

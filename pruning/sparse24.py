@@ -240,6 +240,24 @@ def compress_model_24(model: nn.Module) -> list[str]:
     return [full for full, *_ in packed]
 
 
+@torch.no_grad()
+def decompress_model_24_(model: nn.Module) -> list[str]:
+    """Replace every :class:`Sparse24Linear` with an ``nn.Linear`` holding its exact dense-with-zeros weight
+    (in place): a plain Hugging Face model again, for pruning or evaluation. Returns the module names."""
+    names = [name for name, module in model.named_modules() if isinstance(module, Sparse24Linear)]
+    for name in names:
+        sparse = model.get_submodule(name)
+        weight = sparse.to_dense()
+        linear = nn.Linear(sparse.in_features, sparse.out_features, bias=sparse.bias is not None,
+                           device=weight.device, dtype=weight.dtype)  # fmt: skip
+        linear.weight.copy_(weight)
+        if sparse.bias is not None:
+            linear.bias.copy_(sparse.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    return names
+
+
 def save_sparse(model: nn.Module, tokenizer, directory: Path) -> Path:
     """Compress the model's decoder Linears in place and ``save_pretrained`` it (safetensors) into
     ``directory`` (which the caller stages and renames atomically)."""

@@ -160,3 +160,28 @@ def test_check_packable_names_the_module_before_any_work():
     model.model.layers[0].mlp.down_proj = nn.Linear(100, 64)
     with pytest.raises(ValueError, match=r"mlp.down_proj \(in_features 100\).*--save_format dense"):
         check_packable(model)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_the_ordinary_loader_reads_a_sparse24_checkpoint_as_its_dense_model(family, tmp_path):
+    """from_pretrained alone would find no `weight` for the compressed Linears and initialize them at random
+    (a warning, then wrong results); load_model (the CLI's and `check`'s loader) gets back the exact model."""
+    from pruning.loading import load_model
+    from pruning.outputs import save_model_atomically
+
+    model = pruned(family)
+    dense = copy.deepcopy(model)
+    save_sparse(model, None, tmp_path / "sparse")
+    loaded = load_model(str(tmp_path / "sparse"), dtype="float32")
+    assert not any(isinstance(m, Sparse24Linear) for m in loaded.modules())
+    for name, param in dense.named_parameters():
+        assert torch.equal(loaded.get_parameter(name), param), name
+    with pytest.raises(ValueError, match="without --device_map"):
+        load_model(str(tmp_path / "sparse"), device_map="auto")
+    # Saved again from there, it is a plain dense checkpoint (no stale sparse24 label).
+    save_model_atomically(loaded, None, tmp_path / "dense", overwrite=False)
+    assert "sparsity_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+    reloaded = load_model(str(tmp_path / "dense"), dtype="float32")
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, dense(ids).logits)
