@@ -43,6 +43,7 @@ DECODE_BATCHES = (1, 8)
 DECODE_CONTEXT = 512
 DECODE_STEPS = 64
 LOGITS_RTOL = 1e-2
+LINEAR_RTOL = 5e-3  # per-Linear outputs, relative Frobenius error against dense F.linear
 
 SMOKE_LINEARS = [("smoke", (32, 64))]
 SMOKE_TOKENS = (1, 4, 32)
@@ -178,7 +179,11 @@ def bench_linears(device: torch.device, smoke: bool, dtype: torch.dtype, reps: i
                     except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
                         log.warning("inference: %s fails on %s M=%d: %s", provider, label, n_tokens, err)
                         continue  # a missing library or unsupported GPU: no record rather than no benchmark
-                    correct = bool(torch.allclose(got.float(), want.float(), atol=2e-2, rtol=1e-2))
+                    # Both sides accumulate in fp32 and round to fp16 (~2^-11 relative each; cuBLAS may also
+                    # reduce split-K partials in fp16): ~1e-3 relative Frobenius error; a wrong index or a
+                    # dropped term is off by orders of magnitude more.
+                    error = (got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)
+                    correct = bool(error < LINEAR_RTOL)
                     extra = {}
                     if provider == "triton_24":  # which path and tile the autotuner measured best here
                         extra["kernel_config"] = last_tuned_config()

@@ -26,6 +26,7 @@ def test_smoke_run_writes_complete_records(tmp_path, capsys):
         assert REQUIRED <= r.keys(), REQUIRED - r.keys()
         assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
         assert r["correct"] in (True, None)
+    assert all(r["correct"] is True for r in records if r["provider"] == "ours")  # every one of ours is checked
     providers = {(r["op"], r["provider"]) for r in records}
     expected = {("wanda_prune_2:4", "ours"), ("wanda_prune_2:4", "locuslab"), ("wanda_prune_unstructured", "ours")}
     assert expected <= providers
