@@ -74,7 +74,6 @@ def test_locuslab_reimplementation_gives_our_masks(sparsity_type):
             assert (pruned.reshape(lin.out_features, -1, 4).sum(dim=2) == 2).all()
     diff = e2e.mask_diff_fraction(ref, e2e.packed_zero_masks(ours))
     assert diff < 1e-3  # fp32 batched vs per-sample sums: at most a near-tie flip
-    assert e2e.mask_diff_fraction(ours, e2e.packed_zero_masks(ours)) == 0
 
 
 def test_mask_diff_counts_single_entries():

@@ -404,10 +404,22 @@ def test_save_format_sparse24_round_trips_through_load_sparse(tiny_opt, tmp_path
     assert (sparse_dir / "tokenizer.json").exists()
 
 
-def test_device_map_auto_runs(tiny_opt, tmp_path):
-    """--device_map goes through accelerate's placement (all on the CPU here) and prunes as usual."""
+def test_device_map_auto_runs(tiny_opt, tmp_path, monkeypatch):
+    """--device_map reaches from_pretrained (accelerate's placement; all on the CPU here) and prunes as usual."""
+    import transformers
+
+    placements = []
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        model = original(*args, **kwargs)
+        placements.append(kwargs.get("device_map"))
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
     save = tmp_path / "out"
     argv = prune_argv(tiny_opt, "--device_map", "auto", "--save", str(save), "--eval_dataset", "none", kind="4:8")
     assert cli.main(argv) == 0
+    assert placements == ["auto"]  # handed to from_pretrained, i.e. to accelerate
     metrics = json.loads((save / "metrics.json").read_text())
     assert metrics["config"]["device_map"] == "auto" and metrics["actual_sparsity"] == 0.5

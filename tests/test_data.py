@@ -197,7 +197,11 @@ def test_wikitext2_protocols(tok, monkeypatch):
     ids = get_eval_ids("wikitext2", tok)
     assert torch.equal(ids[0], full_ids(tok, "\n\n".join(test["text"])))
     calib = get_calibration_ids("wikitext2", tok, nsamples=3, seqlen=32, seed=0)
-    window_starts(full_ids(tok, " ".join(train["text"])), calib)
+    # Wanda's get_wikitext2: train joined with " ", then random.seed(seed); randint(0, N - seqlen - 1) per sample.
+    train_ids = full_ids(tok, " ".join(train["text"]))
+    random.seed(0)
+    starts = [random.randint(0, train_ids.numel() - 33) for _ in range(3)]
+    assert torch.equal(calib, torch.stack([train_ids[s : s + 32] for s in starts]))
 
 
 def test_c4_eval_slice(tok, monkeypatch):
