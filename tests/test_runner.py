@@ -58,9 +58,15 @@ def test_prefill_runner_returns_last_logits(family):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True], ids=["as-written", "fused"])
 @pytest.mark.parametrize("family", ["opt", "llama"])
-def test_graphed_runners_match_eager_on_cuda(family):
+def test_graphed_runners_match_eager_on_cuda(family, fused):
+    from pruning.fusion import fuse_projections_, fuse_small_ops_
+
     model = tiny(family).half().cuda()
+    if fused:
+        fuse_small_ops_(model)
+        fuse_projections_(model)
     prompt = torch.randint(3, 96, (2, 7), device="cuda")
     eager = GreedyDecoder(model, batch=2, max_len=32, use_graph=False).generate(prompt, 10)
     graphed_decoder = GreedyDecoder(model, batch=2, max_len=32, use_graph=True)
@@ -95,14 +101,21 @@ class _CaptureHazards(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["as-written", "fused"])
 @pytest.mark.parametrize("capturing", [False, True], ids=["eager", "capturing"])
 @pytest.mark.parametrize("family", ["opt", "llama"])
-def test_runners_are_capturable_and_prefill_stays_maskless(family, capturing, monkeypatch):
+def test_runners_are_capturable_and_prefill_stays_maskless(family, capturing, fused, monkeypatch):
     """What a CUDA graph needs, checked on the CPU. transformers changes course while a stream is capturing
-    (it stops reading masks on the host and builds them instead), so that state is simulated too."""
+    (it stops reading masks on the host and builds them instead), so that state is simulated too. The fused
+    layers of pruning.fusion (one-kernel norms and rotary, shared q/k/v products) must keep it so."""
     import transformers.utils.import_utils as hf_import_utils
 
+    from pruning.fusion import fuse_projections_, fuse_small_ops_
+
     model = tiny(family)
+    if fused:
+        fuse_small_ops_(model)
+        fuse_projections_(model)
     decoder = GreedyDecoder(model, batch=2, max_len=32, use_graph=False)
     decoder.prefill(torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(0)))
     decoder.step()
