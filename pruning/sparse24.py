@@ -7,11 +7,13 @@ weights are unchanged. ``config.json`` gains ``sparsity_config`` naming the form
 Loading: :func:`load_sparse` rebuilds the Hugging Face model with :class:`Sparse24Linear` in place of
 those Linears. Its forward picks, per call:
   * CPU: the dense weight (unpacked once and cached; warns once), since nothing sparse is faster there;
-  * CUDA, M <= ``decode_max_tokens`` rows: our Triton kernel reading the packed values and indices;
+  * CUDA, M <= ``decode_max_tokens`` rows: our Triton kernel reading the packed values and indices, or
+    cuSPARSELt where it measures faster for that row count;
   * CUDA, larger M: cuSPARSELt through ``torch._cslt_sparse_mm`` with the weight compressed once, the
     best algorithm searched once per shape, the bias fused and the output written contiguous [M, O]
     (``transpose_result``), so the next ops (attention) keep their fast kernels. On sm8x, torch's CUTLASS
-    2:4 GEMM is timed against it once per shape and used where it wins.
+    2:4 GEMM is a candidate too.
+The choice is timed once per row count (padded to 16 above ``decode_max_tokens``), outside CUDA-graph capture.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def _kernels():
 class Sparse24Linear(nn.Module):
     """A Linear whose weight is stored 2:4-compressed. Numerically F.linear on the dense-with-zeros weight."""
 
-    decode_max_tokens = 16  # at or below: the Triton GEMV kernel; above: cuSPARSELt
+    decode_max_tokens = 16  # at or below, our Triton GEMV is a candidate (the first); above, the 2:4 GEMMs
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
         super().__init__()
@@ -56,7 +58,8 @@ class Sparse24Linear(nn.Module):
         self._cslt_weight: torch.Tensor | None = None
         self._cslt_alg: dict[int, int] = {}
         self._cutlass_weight: torch.Tensor | None = None
-        self._large_m_backend: dict[int, str] = {}  # padded row count -> "cusparselt" | "cutlass" | "dense"
+        # row count (padded to 16 above decode_max_tokens) -> "triton" | "cusparselt" | "cutlass" | "dense"
+        self._backends: dict[int, str] = {}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, name: str = "linear") -> Sparse24Linear:
@@ -98,7 +101,7 @@ class Sparse24Linear(nn.Module):
     def _apply(self, fn, recurse=True):
         # A device or dtype move invalidates every derived form of the weight.
         self._dense_cache = self._cslt_weight = self._cutlass_weight = None
-        self._cslt_alg, self._large_m_backend = {}, {}
+        self._cslt_alg, self._backends = {}, {}
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,33 +110,36 @@ class Sparse24Linear(nn.Module):
                 warnings.warn("Sparse24Linear on CPU runs the dense weight (no sparse speed-up there)", stacklevel=2)
                 self._dense_cache = self.to_dense()
             return F.linear(x, self._dense_cache, self.bias)
+        return getattr(self, f"_{self._backend_for(x)}_linear")(x)
+
+    def _backend_for(self, x: torch.Tensor) -> str:
         n_tokens = x.numel() // self.in_features
         if n_tokens <= self.decode_max_tokens:
-            _, sparse24_mm = _kernels()
-            return sparse24_mm.sparse24_linear(x, self.values, self.meta, self.bias)
-        return self._large_m_linear(x)
-
-    def _large_m_linear(self, x: torch.Tensor) -> torch.Tensor:
-        n_tokens = x.numel() // self.in_features
-        padded = -(-n_tokens // CUSPARSELT_ROW_MULTIPLE) * CUSPARSELT_ROW_MULTIPLE
-        backend = self._large_m_backend.get(padded)
+            key, candidates = n_tokens, ["triton", "cusparselt"]
+        else:
+            key = -(-n_tokens // CUSPARSELT_ROW_MULTIPLE) * CUSPARSELT_ROW_MULTIPLE
+            candidates = ["cusparselt"]
+            if torch.cuda.get_device_capability(x.device)[0] == 8:
+                candidates.append("cutlass")  # torch's CUTLASS 2:4 kernels support sm8x only
+        backend = self._backends.get(key)
         if backend is None:
-            backend = self._large_m_backend[padded] = self._pick_large_m_backend(x)
-        return getattr(self, f"_{backend}_linear")(x)
+            if torch.cuda.is_current_stream_capturing():
+                # Nothing can be timed inside a capture, and whatever runs is recorded into the graph: the first
+                # candidate, undecided (the runners warm up before capturing, so this is the rare case).
+                return candidates[0]
+            backend = self._backends[key] = self._pick_backend(x, candidates)
+        return backend
 
-    def _pick_large_m_backend(self, x: torch.Tensor) -> str:
-        """Once per padded row count: cuSPARSELt, and on sm8x also CUTLASS, timed; the faster one wins.
-        If neither runs (old GPU, missing library), the dense weight is used, with a warning."""
-        candidates = ["cusparselt"]
-        if torch.cuda.get_device_capability(x.device)[0] == 8:
-            candidates.append("cutlass")  # torch's CUTLASS 2:4 kernels support sm8x only
-        capturing = torch.cuda.is_current_stream_capturing()
+    def _pick_backend(self, x: torch.Tensor, candidates: list[str]) -> str:
+        """The fastest of ``candidates`` for this row count: each is run once (Triton autotuning, weight
+        compression, cuSPARSELt's algorithm search), then timed over 3 calls. If none runs (old GPU, missing
+        library), the dense weight is used, with a warning."""
         times = {}
         for name in candidates:
             fn = getattr(self, f"_{name}_linear")
             try:
-                fn(x)  # compresses the weight, searches the cuSPARSELt algorithm
-                if capturing or len(candidates) == 1:
+                fn(x)
+                if len(candidates) == 1:
                     times[name] = 0.0
                     continue
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -152,6 +158,11 @@ class Sparse24Linear(nn.Module):
         log.debug("Sparse24Linear %dx%d, %d rows: %s (%s)", self.out_features, self.in_features,
                   x.numel() // self.in_features, best, times)  # fmt: skip
         return best
+
+    def _triton_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """Our 2:4 GEMV (``wanda_kernels.sparse24_mm``): the packed values and indices, read once."""
+        _, sparse24_mm = _kernels()
+        return sparse24_mm.sparse24_linear(x, self.values, self.meta, self.bias)
 
     def _cusparselt_linear(self, x: torch.Tensor) -> torch.Tensor:
         """cuSPARSELt: weight compressed once, algorithm searched once per padded row count, bias fused, the

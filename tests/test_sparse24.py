@@ -148,8 +148,13 @@ def test_large_m_backends_on_cuda_match_dense_and_one_is_chosen_per_shape():
     if torch.cuda.get_device_capability()[0] == 8:
         torch.testing.assert_close(sparse._cutlass_linear(x), want, atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(sparse(x), want, atol=2e-2, rtol=1e-2)
-    assert sparse._large_m_backend == {112: sparse._large_m_backend[112]}
-    assert sparse._large_m_backend[112] in ("cusparselt", "cutlass")
+    assert sparse._backends == {112: sparse._backends[112]}
+    assert sparse._backends[112] in ("cusparselt", "cutlass")
+    for n_tokens in (1, 8):  # decode sizes: our GEMV or cuSPARSELt, whichever measured faster, both right
+        x = torch.randn(n_tokens, 2048, device="cuda", dtype=torch.float16)
+        torch.testing.assert_close(sparse._triton_linear(x), linear(x), atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(sparse(x), linear(x), atol=2e-2, rtol=1e-2)
+        assert sparse._backends[n_tokens] in ("triton", "cusparselt")
 
 
 def test_check_packable_names_the_module_before_any_work():
