@@ -164,16 +164,17 @@ class _OpCounts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_fused_llama_gives_the_same_outputs():
+def test_fused_llama_gives_the_same_outputs(device):
+    """On the device the kernels run on (the CPU under the interpreter, else the GPU)."""
     from transformers.models.llama import modeling_llama
 
-    plain, fused = tiny_llama(), tiny_llama()
+    plain, fused = tiny_llama().to(device), tiny_llama().to(device)
     original_rotary = modeling_llama.apply_rotary_pos_emb
     assert fuse_small_ops_(fused) == {"rms_norm": 5, "rotary": 2}  # 2 per layer + the final norm; 1 per layer
     assert fuse_small_ops_(fused) == {"rms_norm": 5, "rotary": 2}  # idempotent: nothing wrapped twice
     assert not hasattr(fused.model.layers[0].self_attn.forward.__wrapped__, "fused_rotary")
     assert sum(isinstance(m, FusedRMSNorm) for m in fused.modules()) == 5
-    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
     assert modeling_llama.apply_rotary_pos_emb is original_rotary  # restored after each attention call
@@ -198,16 +199,16 @@ def test_fused_llama_gives_the_same_outputs():
     torch.testing.assert_close(runners[1](ids), runners[0](ids), rtol=1e-5, atol=1e-5)
 
 
-def test_fused_decode_step_skips_the_elementwise_chains():
+def test_fused_decode_step_skips_the_elementwise_chains(device):
     """The torch ops of RMSNorm (pow, mean, rsqrt) and rotary (neg, cat) are gone from a fused decode step."""
     chains = ("pow", "mean", "rsqrt", "neg")
     counts = {}
     for fuse in (False, True):
-        model = tiny_llama()
+        model = tiny_llama().to(device)
         if fuse:
             fuse_small_ops_(model)
         decoder = GreedyDecoder(model, batch=1, max_len=16, use_graph=False)
-        decoder.prefill(torch.randint(0, 96, (1, 4), generator=torch.Generator().manual_seed(2)))
+        decoder.prefill(torch.randint(0, 96, (1, 4), generator=torch.Generator().manual_seed(2)).to(device))
         with _OpCounts() as ops:
             decoder.step()
         counts[fuse] = {name: ops.counts[name] for name in chains}
