@@ -35,7 +35,10 @@ from bench.timing import time_op
 
 log = logging.getLogger(__name__)
 
-LINEAR_CASES = [("opt-13b", "fc1"), ("opt-13b", "fc2"), ("llama-7b", "down_proj"), ("opt-6.7b", "q_proj")]
+# FFN shapes, a square attention projection, and the fused q/k/v product that the whole-model runs use.
+LINEAR_CASES = [
+    ("opt-13b", "fc1"), ("opt-13b", "fc2"), ("llama-7b", "down_proj"), ("opt-6.7b", "q_proj"), ("opt-13b", "qkv_proj"),
+]  # fmt: skip
 LINEAR_TOKENS = (1, 4, 8, 16, 32, 128, 2048, 8192)  # 4-32: to locate where the Triton kernel stops paying
 MODEL_NAMES = ("opt-6.7b", "opt-13b", "llama-7b")
 PREFILL_SHAPES = ((1, 2048), (8, 2048))

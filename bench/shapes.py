@@ -30,6 +30,14 @@ class DecoderShape:
             mlp = {"fc1": (self.ffn, self.hidden), "fc2": (self.hidden, self.ffn)}
         return {**attn, **mlp}
 
+    def fused_linears(self) -> dict[str, tuple[int, int]]:
+        """The products ``pruning.fusion.fuse_projections_`` makes of Linears that share an input."""
+        kv = self.kv_dim or self.hidden
+        fused = {"qkv_proj": (self.hidden + 2 * kv, self.hidden)}
+        if self.gated:
+            fused["gate_up_proj"] = (2 * self.ffn, self.hidden)
+        return fused
+
 
 MODELS: dict[str, DecoderShape] = {
     "opt-125m": DecoderShape(768, 3072, 12, n_heads=12),
@@ -65,7 +73,7 @@ SMOKE_SUITE: list[tuple[str, tuple[int, int]]] = [("smoke-a", (16, 64)), ("smoke
 def linear_shape(model: str, linear: str) -> tuple[int, int]:
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
-    layers = MODELS[model].linears()
+    layers = {**MODELS[model].linears(), **MODELS[model].fused_linears()}
     if linear not in layers:
         raise ValueError(f"{model} has no Linear {linear!r}; it has {', '.join(layers)}")
     return layers[linear]

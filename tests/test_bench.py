@@ -53,3 +53,15 @@ def test_reference_providers_agree_with_the_spec(sparsity, n, m):
 def test_table_formats_missing_values():
     table = format_table([{"op": "x", "shape": [2, 3], "median_ms": 1.0}])
     assert "2x3" in table and "| -" in table
+
+
+def test_fused_shapes_stack_their_parts():
+    from bench.shapes import MODELS, linear_shape
+
+    for name, shape in MODELS.items():
+        parts = shape.linears()
+        out, inp = linear_shape(name, "qkv_proj")
+        assert inp == shape.hidden and out == sum(parts[p][0] for p in ("q_proj", "k_proj", "v_proj"))
+        if shape.gated:
+            assert linear_shape(name, "gate_up_proj") == (parts["gate_proj"][0] + parts["up_proj"][0], shape.hidden)
+    assert linear_shape("llama-2-70b", "qkv_proj") == (8192 + 2 * 1024, 8192)  # grouped-query k/v
