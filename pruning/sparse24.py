@@ -128,6 +128,9 @@ class Sparse24Linear(nn.Module):
                 # candidate, undecided (the runners warm up before capturing, so this is the rare case).
                 return candidates[0]
             backend = self._backends[key] = self._pick_backend(x, candidates)
+            large_m_used = any(k > self.decode_max_tokens for k in self._backends)
+            if backend == "triton" and not large_m_used and "cusparselt" not in self._backends.values():
+                self._cslt_weight, self._cslt_alg = None, {}  # only tried: free its copy of the weight
         return backend
 
     def _pick_backend(self, x: torch.Tensor, candidates: list[str]) -> str:

@@ -155,6 +155,10 @@ def test_large_m_backends_on_cuda_match_dense_and_one_is_chosen_per_shape():
         torch.testing.assert_close(sparse._triton_linear(x), linear(x), atol=2e-2, rtol=1e-2)
         torch.testing.assert_close(sparse(x), linear(x), atol=2e-2, rtol=1e-2)
         assert sparse._backends[n_tokens] in ("triton", "cusparselt")
+    # Decode only: when our GEMV wins, cuSPARSELt's copy of the weight, made to time it, is let go.
+    decode_only = Sparse24Linear.from_linear(linear)
+    decode_only(torch.randn(1, 2048, device="cuda", dtype=torch.float16))
+    assert (decode_only._cslt_weight is None) == (decode_only._backends[1] == "triton")
 
 
 def test_check_packable_names_the_module_before_any_work():
