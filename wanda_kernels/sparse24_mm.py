@@ -31,25 +31,36 @@ _DOT_ROWS = tl.constexpr(DOT_ROWS)
 
 @triton.jit
 def _dense_weight_tile(values_ptr, meta_ptr, outs, out_ok, g0, n_groups, n_kept, meta_stride, BLOCK_G: tl.constexpr):
-    """The dense-with-zeros weight [BLOCK_O, 4 * BLOCK_G] of groups g0.. (4 columns each), rebuilt in registers:
-    each group's kept pair is one contiguous load, its two 2-bit positions share a byte with the next group's,
-    and the 4 columns take 6 compares and 6 selects."""
+    """The dense-with-zeros weight [BLOCK_O, 4 * BLOCK_G] of groups g0.. (4 columns each), rebuilt in registers."""
     groups = g0 + tl.arange(0, BLOCK_G)
     ok = out_ok[:, None] & (groups < n_groups)[None, :]
-    kept = 2 * groups[:, None] + tl.arange(0, 2)[None, :]  # [G, 2]
-    pair = tl.load(values_ptr + outs[:, None, None] * n_kept + kept[None, :, :], mask=ok[:, :, None], other=0.0)
-    v0, v1 = tl.split(pair)
     byte = tl.load(meta_ptr + outs[:, None] * meta_stride + (groups >> 1)[None, :], mask=ok, other=0).to(tl.int32)
     positions = byte >> ((groups & 1) * 4)[None, :]  # this group's nibble: first position, then second
     p0 = positions & 3
     p1 = (positions >> 2) & 3
-    zero = tl.zeros_like(v0)
-    # The format keeps a group's two positions in increasing order (p0 < p1), so column 0 can only hold the
-    # first kept value and column 3 only the second.
-    d0 = tl.where(p0 == 0, v0, zero)
-    d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
-    d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
-    d3 = tl.where(p1 == 3, v1, zero)
+    if values_ptr.dtype.element_ty.primitive_bitwidth == 16:
+        # A group's kept pair is one 32-bit word w = v0 | v1 << 16, and its dense columns are two words:
+        # (d0, d1) and (d2, d3). With p0 < p1 (format) each is w, one half of w moved, or zero.
+        words = values_ptr.to(tl.pointer_type(tl.int32))
+        w = tl.load(words + outs[:, None] * (n_kept // 2) + groups[None, :], mask=ok, other=0)
+        low = tl.where(p0 == 0, tl.where(p1 == 1, w, w & 0xFFFF), tl.where(p0 == 1, w << 16, 0))
+        high = tl.where(p1 == 3, tl.where(p0 == 2, w, w & -65536), tl.where(p1 == 2, (w >> 16) & 0xFFFF, 0))
+        dtype = values_ptr.dtype.element_ty
+        d0 = low.to(tl.int16).to(dtype, bitcast=True)
+        d1 = (low >> 16).to(tl.int16).to(dtype, bitcast=True)
+        d2 = high.to(tl.int16).to(dtype, bitcast=True)
+        d3 = (high >> 16).to(tl.int16).to(dtype, bitcast=True)
+    else:
+        kept = 2 * groups[:, None] + tl.arange(0, 2)[None, :]  # [G, 2]
+        pair = tl.load(values_ptr + outs[:, None, None] * n_kept + kept[None, :, :], mask=ok[:, :, None], other=0.0)
+        v0, v1 = tl.split(pair)
+        zero = tl.zeros_like(v0)
+        # The format keeps a group's two positions in increasing order (p0 < p1), so column 0 can only hold the
+        # first kept value and column 3 only the second.
+        d0 = tl.where(p0 == 0, v0, zero)
+        d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
+        d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
+        d3 = tl.where(p1 == 3, v1, zero)
     # join(join(d0, d2), join(d1, d3))[..., q, p] = d_{2q+p}: row-major over (q, p) is column order 0..3
     quad = tl.join(tl.join(d0, d2), tl.join(d1, d3))
     return tl.reshape(quad, [quad.shape[0], 4 * BLOCK_G])
