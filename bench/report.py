@@ -44,6 +44,17 @@ E2E_COLUMNS: list[Column] = [
     ("correct", "{}"),
 ]
 
+
+def _decode_profile(profile: dict) -> str:
+    """Where a decode token's GPU time went: kernels per token, then GPU microseconds by kind."""
+    if "error" in profile:
+        return "profile failed"
+    parts = [f"{profile['kernels_per_step']:.0f} kernels"]
+    for kind in ("linear", "attention", "other"):
+        parts.append(f"{kind} {profile[f'{kind}_us_per_step']:.0f} us")
+    return ", ".join(parts)
+
+
 # Sparse vs dense inference: time per call (per token for decode), tokens/s, speed-up over dense.
 INFERENCE_COLUMNS: list[Column] = [
     *IDENTITY,
@@ -52,6 +63,7 @@ INFERENCE_COLUMNS: list[Column] = [
     ("speedup_vs_reference", "{:.2f}x"),
     ("cuda_graph", "{}"),
     ("correct", "{}"),
+    ("kernel_profile", _decode_profile),
 ]
 
 COLUMNS_BY_SUITE: dict[str | None, list[Column]] = {"e2e": E2E_COLUMNS, "inference": INFERENCE_COLUMNS}

@@ -65,3 +65,13 @@ def test_decode_kernels_are_classified():
     assert summary["attention_kernels_per_step"] == 1 and summary["attention_us_per_step"] == 3.5
     assert summary["other_kernels_per_step"] == 1.5 and summary["other_us_per_step"] == 2
     assert summary["top_other_us_per_step"][0] == ("triton_rms_norm_kernel", 1.0)
+
+
+def test_decode_profile_is_printed_compactly():
+    from bench.report import format_table
+
+    profile = inference.summarize_kernels([("sparse24_linear_kernel", 30.0), ("flash_fwd", 4.0), ("add", 2.0)], 2)
+    record = {"suite": "inference", "op": "decode", "provider": "sparse24", "kernel_profile": profile}
+    failed, absent = {**record, "kernel_profile": {"error": "no CUPTI"}}, {**record, "kernel_profile": None}
+    table = format_table([record, failed, absent])
+    assert "2 kernels, linear 15 us, attention 2 us, other 1 us" in table and "profile failed" in table
