@@ -403,6 +403,16 @@ def test_save_format_sparse24_round_trips_through_load_sparse(tiny_opt, tmp_path
         assert f"{modules[0]}.values" in set(f.keys()) and f"{modules[0]}.weight" not in set(f.keys())
     assert (sparse_dir / "tokenizer.json").exists()
 
+    # Given back to --model: with --device_map, one line naming the fix; without, it prunes as its dense model.
+    again = ("--eval_dataset", "none", "--save", str(tmp_path / "again"))
+    assert run_main(prune_argv(sparse_dir, *again, "--device_map", "auto", kind="2:4")) == 2
+    assert cli.main(prune_argv(sparse_dir, *again, "--save_model", str(tmp_path / "again_model"), kind="2:4")) == 0
+    # Pruning 2:4 weights 2:4 again keeps them (the zeros score lowest): the loaded weights were the saved ones,
+    # not the random initialization from_pretrained alone would have given the compressed Linears.
+    again_model = AutoModelForCausalLM.from_pretrained(tmp_path / "again_model")
+    for name in modules:
+        assert torch.equal(again_model.get_submodule(name).weight, dense.get_submodule(name).weight), name
+
 
 def test_device_map_auto_runs(tiny_opt, tmp_path, monkeypatch):
     """--device_map reaches from_pretrained (accelerate's placement; all on the CPU here) and prunes as usual."""
