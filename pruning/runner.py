@@ -7,6 +7,7 @@ On the CPU (or with ``use_graph=False``) the same code runs eagerly, which is ho
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 
@@ -54,6 +55,14 @@ def _capture(fn, warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
 CAUSAL_SDPA = "wanda_causal_sdpa"  # SDPA registered with no mask function: causal, unpadded batches only
 
 
+@functools.cache
+def _register_causal_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+
+
 @contextlib.contextmanager
 def _maskless_causal_sdpa(model: nn.Module):
     """Within this block an SDPA model runs its attention as ``is_causal=True`` with no mask tensor, so SDPA may
@@ -68,10 +77,7 @@ def _maskless_causal_sdpa(model: nn.Module):
     if getattr(config, "_attn_implementation", None) != "sdpa":
         yield
         return
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+    _register_causal_sdpa()
     config._attn_implementation = CAUSAL_SDPA
     try:
         yield

@@ -114,22 +114,22 @@ class Sparse24Linear(nn.Module):
 
     def _backend_for(self, x: torch.Tensor) -> str:
         n_tokens = x.numel() // self.in_features
-        if n_tokens <= self.decode_max_tokens:
-            key, candidates = n_tokens, ["triton", "cusparselt"]
-        else:
-            key = -(-n_tokens // CUSPARSELT_ROW_MULTIPLE) * CUSPARSELT_ROW_MULTIPLE
-            candidates = ["cusparselt"]
-            if torch.cuda.get_device_capability(x.device)[0] == 8:
-                candidates.append("cutlass")  # torch's CUTLASS 2:4 kernels support sm8x only
+        small = n_tokens <= self.decode_max_tokens
+        key = n_tokens if small else -(-n_tokens // CUSPARSELT_ROW_MULTIPLE) * CUSPARSELT_ROW_MULTIPLE
         backend = self._backends.get(key)
-        if backend is None:
+        if backend is None:  # the first call at this row count: everything below runs once
+            if small:
+                candidates = ["triton", "cusparselt"]
+            else:
+                candidates = ["cusparselt"]
+                if torch.cuda.get_device_capability(x.device)[0] == 8:
+                    candidates.append("cutlass")  # torch's CUTLASS 2:4 kernels support sm8x only
             if torch.cuda.is_current_stream_capturing():
                 # Nothing can be timed inside a capture, and whatever runs is recorded into the graph: the first
                 # candidate, undecided (the runners warm up before capturing, so this is the rare case).
                 return candidates[0]
             backend = self._backends[key] = self._pick_backend(x, candidates)
-            large_m_used = any(k > self.decode_max_tokens for k in self._backends)
-            if backend == "triton" and not large_m_used and "cusparselt" not in self._backends.values():
+            if backend == "triton" and "cusparselt" not in self._backends.values():
                 self._cslt_weight, self._cslt_alg = None, {}  # only tried: free its copy of the weight
         return backend
 
