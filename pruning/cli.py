@@ -11,10 +11,12 @@ line, ``error: ...``, and exit with status 2; set WANDA_DEBUG=1 for the tracebac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -235,7 +237,8 @@ def evaluate_ppl(model, ids: torch.Tensor | None, args: argparse.Namespace, seql
 
 
 def run_prune(args: argparse.Namespace) -> dict:
-    """Validate, load, prune, evaluate, then write --save / --save_model before the optional zero-shot step."""
+    """Validate, load, prune, save the model (--save_model), evaluate, write --save, then the optional
+    zero-shot step."""
     from pruning.data import DataError, get_calibration_ids
     from pruning.driver import prune_model
     from pruning.loading import load_config, load_model, load_tokenizer
@@ -262,7 +265,9 @@ def run_prune(args: argparse.Namespace) -> dict:
             raise ValueError(f"--calib_dataset: {err}") from None
     eval_ids = load_eval_ids(args, tokenizer, seqlen)
     torch.manual_seed(args.seed)
-    model = load_model(args.model, args.cache_dir, args.dtype, args.device_map, args.offload)
+    streamed = bool(args.offload or args.device_map)
+    with _out_of_memory_as_error("loading the model", "loading", streamed):
+        model = load_model(args.model, args.cache_dir, args.dtype, args.device_map, args.offload)
     log.info("loaded %s (%s) in %.1f s", args.model, model_config.model_type, time.perf_counter() - started)
     if args.save_format == "sparse24":
         from pruning.sparse24 import check_packable
@@ -271,16 +276,27 @@ def run_prune(args: argparse.Namespace) -> dict:
 
     metrics: dict = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "versions": versions()}
     if args.eval_dense:
-        metrics["ppl_dense"] = evaluate_ppl(model, eval_ids, args, seqlen)
+        with _out_of_memory_as_error("evaluating the dense model", "evaluating", streamed):
+            metrics["ppl_dense"] = evaluate_ppl(model, eval_ids, args, seqlen)
         log.info("dense perplexity: %s", metrics["ppl_dense"])
-    report = prune_model(model, calibration_ids, **{k: getattr(config, k) for k in vars(config)})
+    with _out_of_memory_as_error("pruning", "pruning", streamed):
+        report = prune_model(model, calibration_ids, **{k: getattr(config, k) for k in vars(config)})
     metrics["prune"] = report.to_dict()
     print("*" * 30)
     sparsity = check_sparsity(model)
     print(f"sparsity sanity check {sparsity:.4f}")
     print("*" * 30)
     metrics["actual_sparsity"] = sparsity
-    metrics["ppl_test"] = evaluate_ppl(model, eval_ids, args, seqlen)
+    # The pruned model is saved first: it is the costly result, and evaluation can still fail (memory, data).
+    kept = []
+    if args.save_model:
+        target = save_model_atomically(
+            model, tokenizer, Path(args.save_model).expanduser(), args.overwrite, args.save_format
+        )
+        log.info("saved the pruned model to %s", target)
+        kept.append(str(target))
+    with _out_of_memory_as_error("evaluating perplexity", "evaluating", streamed, kept):
+        metrics["ppl_test"] = evaluate_ppl(model, eval_ids, args, seqlen)
     if eval_ids is not None:
         name = "wikitext" if args.eval_dataset == "wikitext2" else args.eval_dataset
         print(f"{name} perplexity {metrics['ppl_test']}")
@@ -291,11 +307,7 @@ def run_prune(args: argparse.Namespace) -> dict:
         write_wanda_log(save_dir, config.method, sparsity, metrics["ppl_test"])
         write_metrics(save_dir, metrics)
         log.info("wrote %s", save_dir)
-    if args.save_model:
-        target = save_model_atomically(
-            model, tokenizer, Path(args.save_model).expanduser(), args.overwrite, args.save_format
-        )
-        log.info("saved the pruned model to %s", target)
+        kept.insert(0, str(save_dir))
     if args.eval_zero_shot:
         from pruning.evaluate import zero_shot
 
@@ -303,7 +315,6 @@ def run_prune(args: argparse.Namespace) -> dict:
             tasks = [t for t in args.zero_shot_tasks.split(",") if t]
             metrics["zero_shot"] = zero_shot(model, tokenizer, tasks, include_path=args.zero_shot_include_path)
         except Exception as err:
-            kept = [str(p) for p in (save_dir, args.save_model) if p]
             saved = f"; the pruning results are saved in {', '.join(kept)}" if kept else ""
             raise ValueError(f"zero-shot evaluation failed ({type(err).__name__}: {_first_line(err)}){saved}") from err
         print(f"zero-shot: {metrics['zero_shot']}")
@@ -311,6 +322,19 @@ def run_prune(args: argparse.Namespace) -> dict:
         if save_dir:
             write_metrics(save_dir, metrics)
     return metrics
+
+
+@contextlib.contextmanager
+def _out_of_memory_as_error(what: str, stage: str, streamed: bool, kept: list[str] = ()) -> Iterator[None]:
+    """A GPU out-of-memory error that smaller batches did not cure becomes one line with the flags to change
+    (``pruning.oom.out_of_memory_advice``) and where the results already written are."""
+    from pruning.oom import out_of_memory_advice
+
+    try:
+        yield
+    except torch.OutOfMemoryError as err:
+        saved = f"; the pruned model is saved in {', '.join(kept)}" if kept else ""
+        raise ValueError(f"GPU out of memory while {what}: {out_of_memory_advice(stage, streamed)}{saved}") from err
 
 
 def _first_line(err: BaseException) -> str:

@@ -31,6 +31,7 @@ from pruning.layerwise import (
     module_device,
     on_device,
     run_layer,
+    with_smaller_batches_on_oom,
 )
 from pruning.methods import (
     accumulate_hessian_,
@@ -169,15 +170,12 @@ def _collect(stats: _GroupStatistics, _module: nn.Module, args: tuple, stop: boo
         raise StopForward
 
 
-def _collect_and_prune(
-    layer: nn.Module,
-    groups: list[list[str]],
-    inputs: LayerInputs,
-    config: PruneConfig,
-    backend: str,
+def _collect_statistics(
+    layer: nn.Module, groups: list[list[str]], inputs: LayerInputs, config: PruneConfig, backend: str,
     device: torch.device,
-    store: torch.device,
-) -> None:
+) -> dict[str, _GroupStatistics]:  # fmt: skip
+    """One pass of the layer over every batch, with a hook on each group's first Linear; starts from zeros,
+    so a pass cut short (out of memory) is simply run again."""
     modules = dict(layer.named_modules())
     stats = {}
     handles = []
@@ -193,6 +191,22 @@ def _collect_and_prune(
     finally:
         for h in handles:
             h.remove()
+    return stats
+
+
+def _collect_and_prune(
+    layer: nn.Module,
+    groups: list[list[str]],
+    inputs: LayerInputs,
+    config: PruneConfig,
+    backend: str,
+    device: torch.device,
+    what: str,
+) -> None:
+    modules = dict(layer.named_modules())
+    stats = with_smaller_batches_on_oom(
+        inputs, lambda: _collect_statistics(layer, groups, inputs, config, backend, device), what
+    )
     for group in groups:
         group_stats = stats[group[0]]
         hinv = None
@@ -277,8 +291,10 @@ def _prune_layers(model, adapter, layers, calibration_ids, config, backend, batc
                     _prune_linear(modules[name], None, config, backend)
             else:
                 for stage in [[g] for g in groups] if config.true_sequential else [groups]:
-                    _collect_and_prune(layer, stage, inputs, config, backend, device, store)
-                inputs.hidden = run_layer(layer, inputs, device, store)
+                    what = f"collecting layer {index}'s statistics"
+                    _collect_and_prune(layer, stage, inputs, config, backend, device, what)
+                recompute = functools.partial(run_layer, layer, inputs, device, store)
+                inputs.hidden = with_smaller_batches_on_oom(inputs, recompute, f"recomputing layer {index}'s outputs")
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - t0
@@ -288,3 +304,5 @@ def _prune_layers(model, adapter, layers, calibration_ids, config, backend, batc
         report.layers.append(LayerReport(index, seconds, sparsity))
         log.info("layer %d: %.2f s, sparsity %.4f", index, seconds, sparsity)
     report.actual_sparsity = zeros / max(total, 1)
+    if inputs is not None:
+        report.calib_batch_size = inputs.max_batch  # smaller than asked if a batch ran out of memory

@@ -8,6 +8,7 @@ number of tokens, so this equals Wanda's exp(sum_w mean_nll_w * seqlen / (n_wind
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from pruning.oom import retry_with_half_batch
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,16 @@ def summed_next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return total
 
 
+def _summed_nll_in_batches(model: torch.nn.Module, windows: torch.Tensor, device, progress: bool, size: int) -> float:
+    total = 0.0
+    for batch in tqdm(windows.split(size), desc="ppl", disable=not progress, leave=False):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        total += summed_next_token_nll(logits, batch)
+        del logits
+    return total
+
+
 @torch.no_grad()
 def perplexity(
     model: torch.nn.Module, ids: torch.Tensor, seqlen: int, batch_size: int = 1, progress: bool = True
@@ -84,13 +97,11 @@ def perplexity(
 
     was_training = model.training
     model.eval()
-    total_nll = 0.0
     try:
-        for start in tqdm(range(0, n_windows, batch_size), desc="ppl", disable=not progress, leave=False):
-            batch = windows[start : start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits
-            total_nll += summed_next_token_nll(logits, batch)
-            del logits
+        # Out of GPU memory: scored again from the first window in batches of half the size (down to one
+        # window). Every batch has the same shape, so a failure comes at the first one and costs nothing.
+        scorer = functools.partial(_summed_nll_in_batches, model, windows, device, progress)
+        total_nll = retry_with_half_batch(scorer, batch_size, "scoring perplexity")
     finally:
         model.train(was_training)
     mean_nll = total_nll / (n_windows * (seqlen - 1))

@@ -7,16 +7,21 @@ the [nsamples, seqlen, hidden] activations need to be on the GPU at once. Works 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from pruning.adapters import DecoderAdapter
+from pruning.oom import retry_with_half_batch
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class StopForward(Exception):
@@ -38,6 +43,34 @@ class LayerInputs:
     @property
     def n_samples(self) -> int:
         return sum(h.shape[0] for h in self.hidden)
+
+    @property
+    def max_batch(self) -> int:
+        return max((h.shape[0] for h in self.hidden), default=0)
+
+    def limit_batch(self, batch_size: int) -> None:
+        """Split every batch of more than ``batch_size`` samples (views, no copy): the hidden states and the
+        per-sample tensors among its arguments, i.e. those with at least two dimensions whose leading one is
+        the batch's size. The rest (position ids [1, T], rotary tables [1, T, D], flags) is shared."""
+        hidden, args, kwargs = [], [], []
+        for h, a, k in zip(self.hidden, self.args, self.kwargs, strict=True):
+            size = h.shape[0]
+            for start in range(0, size, batch_size):
+                part = slice(start, min(start + batch_size, size))
+                hidden.append(h[part])
+                args.append(_per_sample_slice(a, size, part))
+                kwargs.append(_per_sample_slice(k, size, part))
+        self.hidden, self.args, self.kwargs = hidden, args, kwargs
+
+
+def _per_sample_slice(obj, batch: int, part: slice):
+    if isinstance(obj, torch.Tensor):
+        return obj[part] if obj.ndim >= 2 and obj.shape[0] == batch else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_per_sample_slice(o, batch, part) for o in obj)
+    if isinstance(obj, dict):
+        return {key: _per_sample_slice(value, batch, part) for key, value in obj.items()}
+    return obj
 
 
 def to_device(obj, device: torch.device):
@@ -110,7 +143,16 @@ def no_kv_cache(model: nn.Module) -> Iterator[None]:
 def capture_layer_inputs(
     model: nn.Module, adapter: DecoderAdapter, input_ids: torch.Tensor, batch_size: int, store: torch.device
 ) -> LayerInputs:
-    """Run the model up to decoder layer 0 on each batch of ``input_ids`` and keep what layer 0 receives."""
+    """Run the model up to decoder layer 0 on each batch of ``input_ids`` and keep what layer 0 receives.
+    A GPU out-of-memory error restarts the capture with half the batch size (down to 1)."""
+    return retry_with_half_batch(
+        lambda size: _capture(model, adapter, input_ids, size, store), batch_size, "capturing layer-0 inputs"
+    )
+
+
+def _capture(
+    model: nn.Module, adapter: DecoderAdapter, input_ids: torch.Tensor, batch_size: int, store: torch.device
+) -> LayerInputs:
     layers = adapter.layers(model)
     first = layers[0]
     device = compute_device_for(first)
@@ -135,6 +177,18 @@ def capture_layer_inputs(
     finally:
         handle.remove()
     return captured
+
+
+def with_smaller_batches_on_oom(inputs: LayerInputs, run: Callable[[], T], what: str) -> T:
+    """``run()`` over ``inputs``; after a GPU out-of-memory error the batches are split in halves (for good:
+    later layers keep the smaller batches) and ``run`` starts again, so it must not keep state from a failed
+    try."""
+
+    def attempt(batch_size: int) -> T:
+        inputs.limit_batch(batch_size)
+        return run()
+
+    return retry_with_half_batch(attempt, inputs.max_batch, what)
 
 
 def feed_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device) -> None:
@@ -185,15 +239,20 @@ def layerwise_perplexity(
     hidden_bytes = windows.numel() * model.config.hidden_size * next(model.parameters()).element_size()
     store = activation_store(hidden_bytes, device)
     inputs = capture_layer_inputs(model, adapter, windows, batch_size, store)
-    for layer in layers:
+    for index, layer in enumerate(layers):
         layer_device = compute_device_for(layer)
         with on_device([layer], layer_device):
-            inputs.hidden = run_layer(layer, inputs, layer_device, store)
+            inputs.hidden = with_smaller_batches_on_oom(
+                inputs, functools.partial(run_layer, layer, inputs, layer_device, store), f"evaluating layer {index}"
+            )
     head = adapter.head_modules(model)
     head_device = compute_device_for(head[-1])
     total_nll = 0.0
     with on_device(head, head_device):
-        for hidden, batch_ids in zip(inputs.hidden, windows.split(batch_size), strict=True):
+        start = 0  # batches may have been split after an out-of-memory error: pair them with windows by count
+        for hidden in inputs.hidden:
+            batch_ids = windows[start : start + hidden.shape[0]]
+            start += hidden.shape[0]
             x = hidden.to(head_device)
             for module in head:
                 x = module(x)

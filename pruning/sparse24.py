@@ -235,22 +235,29 @@ def check_packable(model: nn.Module) -> None:
         )
 
 
-def compress_model_24(model: nn.Module) -> list[str]:
-    """Replace every decoder-layer Linear with a :class:`Sparse24Linear` (in place). Returns the module
-    names. Raises a ValueError naming the first Linear that is not 2:4, before anything is replaced."""
+def _pack_decoder_linears(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear, Sparse24Linear]]:
+    """(full name, parent module, attribute, Linear, its packed form) for every decoder-layer Linear. Raises a
+    ValueError naming the first Linear that is not 2:4, before the model is touched."""
     from pruning.adapters import get_adapter
 
     adapter = get_adapter(model)
-    prefix = adapter.layers_path
-    targets = []
+    packed = []
     for i, layer in enumerate(adapter.layers(model)):
         for name, module in layer.named_modules():
             if isinstance(module, nn.Linear):
-                targets.append((f"{prefix}.{i}.{name}", layer, name, module))
-    packed = [(full, layer, name, Sparse24Linear.from_linear(module, full)) for full, layer, name, module in targets]
-    for _, layer, name, sparse in packed:
-        parent_name, _, child = name.rpartition(".")
-        setattr(layer.get_submodule(parent_name) if parent_name else layer, child, sparse)
+                full = f"{adapter.layers_path}.{i}.{name}"
+                parent_name, _, attribute = name.rpartition(".")
+                parent = layer.get_submodule(parent_name) if parent_name else layer
+                packed.append((full, parent, attribute, module, Sparse24Linear.from_linear(module, full)))
+    return packed
+
+
+def compress_model_24(model: nn.Module) -> list[str]:
+    """Replace every decoder-layer Linear with a :class:`Sparse24Linear` (in place). Returns the module
+    names. Raises a ValueError naming the first Linear that is not 2:4, before anything is replaced."""
+    packed = _pack_decoder_linears(model)
+    for _, parent, attribute, _, sparse in packed:
+        setattr(parent, attribute, sparse)
     return [full for full, *_ in packed]
 
 
@@ -273,17 +280,29 @@ def decompress_model_24_(model: nn.Module) -> list[str]:
 
 
 def save_sparse(model: nn.Module, tokenizer, directory: Path) -> Path:
-    """Compress the model's decoder Linears in place and ``save_pretrained`` it (safetensors) into
-    ``directory`` (which the caller stages and renames atomically)."""
-    modules = compress_model_24(model)
-    model.config.sparsity_config = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "modules": modules,
-        "layout": "values [O, C/2] model dtype (kept entries, lower column first); "
-        "meta uint8 [O, C/8]: 2-bit column-in-group of kept value 4b+i in bits [2i, 2i+2) of byte b",
-    }
-    model.save_pretrained(directory)
+    """``save_pretrained`` the model (safetensors) into ``directory`` (which the caller stages and renames
+    atomically) with its decoder Linears 2:4-compressed. The model itself is left as it was: the packed
+    modules stand in for the Linears only while it is written."""
+    packed = _pack_decoder_linears(model)
+    had_spec, previous_spec = hasattr(model.config, "sparsity_config"), getattr(model.config, "sparsity_config", None)
+    try:
+        for _, parent, attribute, _, sparse in packed:
+            setattr(parent, attribute, sparse)
+        model.config.sparsity_config = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "modules": [full for full, *_ in packed],
+            "layout": "values [O, C/2] model dtype (kept entries, lower column first); "
+            "meta uint8 [O, C/8]: 2-bit column-in-group of kept value 4b+i in bits [2i, 2i+2) of byte b",
+        }
+        model.save_pretrained(directory)
+    finally:
+        for _, parent, attribute, linear, _ in packed:
+            setattr(parent, attribute, linear)
+        if had_spec:
+            model.config.sparsity_config = previous_spec
+        else:
+            del model.config.sparsity_config
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory

@@ -56,6 +56,17 @@ def test_save_and_load_sparse_round_trip(family, tmp_path):
     assert torch.equal(got, want)  # CPU runs the unpacked dense weight: bit-identical
 
 
+def test_saving_compressed_leaves_the_model_as_it_was(tmp_path):
+    """The CLI saves before it evaluates: the model it then evaluates must keep its own Linears and config."""
+    model = pruned("llama")
+    before = dict(model.named_modules())
+    save_sparse(model, None, tmp_path)
+    assert dict(model.named_modules()).keys() == before.keys()
+    assert all(module is before[name] for name, module in model.named_modules())
+    assert not hasattr(model.config, "sparsity_config")
+    assert "sparsity_config" in json.loads((tmp_path / "config.json").read_text())
+
+
 def test_compressed_tensors_are_0_5625x_the_dense_size(tmp_path):
     model = pruned("opt", torch.float16)
     first = "model.decoder.layers.0.fc1"
