@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--true_sequential", action="store_true", help="statistics after earlier sublayers are pruned")
     p.add_argument("--calib_batch_size", type=int, default=None, help="samples per forward (default: from memory)")
-    p.add_argument("--eval_batch_size", type=int, default=1)
+    p.add_argument("--eval_batch_size", type=int, default=1, help="perplexity windows / zero-shot requests per forward")
     p.add_argument("--eval_dense", action="store_true", help="also measure the dense model's perplexity first")
     p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto")
     p.add_argument(
@@ -228,12 +228,36 @@ def evaluate_ppl(model, ids: torch.Tensor | None, args: argparse.Namespace, seql
         return None
     from pruning.adapters import get_adapter
     from pruning.evaluate import perplexity
-    from pruning.layerwise import layerwise_perplexity, module_device
+    from pruning.layerwise import layerwise_perplexity
 
     adapter = get_adapter(model)
-    if module_device(adapter.layers(model)[0]).type == "cpu" and torch.cuda.is_available():
+    if _streamed_from_cpu(model, adapter):
         return layerwise_perplexity(model, adapter, ids, seqlen, args.eval_batch_size)
     return perplexity(model, ids, seqlen, batch_size=args.eval_batch_size)
+
+
+def _streamed_from_cpu(model, adapter) -> bool:
+    """The model sits in CPU RAM (--offload) and a GPU is there to run it one decoder layer at a time."""
+    from pruning.layerwise import module_device
+
+    return module_device(adapter.layers(model)[0]).type == "cpu" and torch.cuda.is_available()
+
+
+def evaluate_zero_shot(model, tokenizer, args: argparse.Namespace) -> dict:
+    """lm-eval on the in-memory model; a model in CPU RAM runs on the GPU with its layers streamed through it."""
+    from pruning.adapters import get_adapter
+    from pruning.evaluate import zero_shot
+    from pruning.layerwise import compute_device_for, layers_streamed_through
+
+    adapter = get_adapter(model)
+    placement = contextlib.nullcontext()
+    if _streamed_from_cpu(model, adapter):
+        placement = layers_streamed_through(model, adapter, compute_device_for(adapter.layers(model)[0]))
+    tasks = [t for t in args.zero_shot_tasks.split(",") if t]
+    with placement:
+        return zero_shot(
+            model, tokenizer, tasks, batch_size=args.eval_batch_size, include_path=args.zero_shot_include_path
+        )
 
 
 def run_prune(args: argparse.Namespace) -> dict:
@@ -269,6 +293,9 @@ def run_prune(args: argparse.Namespace) -> dict:
     with _out_of_memory_as_error("loading the model", "loading", streamed):
         model = load_model(args.model, args.cache_dir, args.dtype, args.device_map, args.offload)
     log.info("loaded %s (%s) in %.1f s", args.model, model_config.model_type, time.perf_counter() - started)
+    from pruning.adapters import get_adapter
+
+    streamed = streamed or _streamed_from_cpu(model, get_adapter(model))  # also when the model did not fit
     if args.save_format == "sparse24":
         from pruning.sparse24 import check_packable
 
@@ -309,11 +336,8 @@ def run_prune(args: argparse.Namespace) -> dict:
         log.info("wrote %s", save_dir)
         kept.insert(0, str(save_dir))
     if args.eval_zero_shot:
-        from pruning.evaluate import zero_shot
-
         try:
-            tasks = [t for t in args.zero_shot_tasks.split(",") if t]
-            metrics["zero_shot"] = zero_shot(model, tokenizer, tasks, include_path=args.zero_shot_include_path)
+            metrics["zero_shot"] = evaluate_zero_shot(model, tokenizer, args)
         except Exception as err:
             saved = f"; the pruning results are saved in {', '.join(kept)}" if kept else ""
             raise ValueError(f"zero-shot evaluation failed ({type(err).__name__}: {_first_line(err)}){saved}") from err

@@ -126,6 +126,51 @@ def on_device(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
             m.to("cpu")
 
 
+class _LayerOnDeviceForItsForward:
+    """Hooks that give a CPU-resident layer GPU copies of its weights for the length of its forward, then point
+    it back at the CPU tensors (kept untouched, so nothing is copied back: inference does not change them)."""
+
+    def __init__(self, layer: nn.Module, device: torch.device):
+        self.device = device
+        self.slots = [(m._parameters, n) for m in layer.modules() for n, p in m._parameters.items() if p is not None]
+        self.slots += [(m._buffers, n) for m in layer.modules() for n, b in m._buffers.items() if b is not None]
+        self.on_cpu = [tensors[name].data for tensors, name in self.slots]
+        self.handles = [layer.register_forward_pre_hook(self.load), layer.register_forward_hook(self.unload)]
+
+    def _point_to(self, new_tensors: list[torch.Tensor]) -> None:
+        for (tensors, name), tensor in zip(self.slots, new_tensors, strict=True):
+            if isinstance(tensors[name], nn.Parameter):
+                tensors[name].data = tensor
+            else:
+                tensors[name] = tensor
+
+    def load(self, _module, _args) -> None:
+        # copy=True: a real copy even when device is the CPU (tests), so on_cpu is never handed out itself
+        self._point_to([t.to(self.device, non_blocking=True, copy=True) for t in self.on_cpu])
+
+    def unload(self, _module, _args, _output) -> None:
+        self._point_to(self.on_cpu)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self._point_to(self.on_cpu)
+
+
+@contextlib.contextmanager
+def layers_streamed_through(model: nn.Module, adapter: DecoderAdapter, device: torch.device) -> Iterator[None]:
+    """Whole-model forwards of a model in CPU RAM (e.g. zero-shot evaluation) at GPU speed: the embeddings and
+    head sit on ``device`` for the duration, and each decoder layer holds GPU copies of its weights only during
+    its own forward, so GPU memory holds one layer at a time. Everything is in CPU RAM again afterwards."""
+    streamers = [_LayerOnDeviceForItsForward(layer, device) for layer in adapter.layers(model)]
+    try:
+        with on_device(adapter.embedding_modules(model) + adapter.head_modules(model), device):
+            yield
+    finally:
+        for streamer in streamers:
+            streamer.remove()
+
+
 @contextlib.contextmanager
 def no_kv_cache(model: nn.Module) -> Iterator[None]:
     config = getattr(model, "config", None)

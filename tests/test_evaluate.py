@@ -222,3 +222,68 @@ def test_zero_shot_scores_the_in_memory_model_like_an_independent_loglikelihood(
         got = [float(resp[0]) for resp in sample["filtered_resps"]]
         want = [loglikelihood(doc["question"], " " + choice) for choice in doc["choices"]]
         assert got == pytest.approx(want, rel=1e-4, abs=1e-4)  # fp32 model, fp64 log-softmax here
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_streamed_layers_hold_device_copies_only_during_their_own_forward(kind):
+    """--offload's whole-model forwards (zero-shot): each decoder layer computes with copies of its weights made
+    for its forward (here 'copies' on the CPU; on a GPU, the transfers), every other layer holds its CPU
+    tensors meanwhile, the logits are unchanged, and afterwards the model points at its CPU tensors again."""
+    from pruning.adapters import get_adapter
+    from pruning.layerwise import layers_streamed_through
+
+    model = tiny_model(kind).eval()
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    ids = torch.randint(0, VOCAB, (2, SEQLEN), generator=torch.Generator().manual_seed(0))
+
+    def storage(module):
+        return [t.data_ptr() for t in [*module.parameters(), *module.buffers()]]
+
+    before = [storage(layer) for layer in layers]
+    with torch.no_grad():
+        want = model(ids).logits
+    seen = []
+
+    def record(index):
+        def hook(_layer, _args):
+            now = [storage(layer) for layer in layers]
+            seen.append([i for i in range(len(layers)) if all(a != b for a, b in zip(now[i], before[i], strict=True))])
+            assert all(now[i] == before[i] for i in range(len(layers)) if i != index)
+
+        return hook
+
+    with layers_streamed_through(model, adapter, torch.device("cpu")), torch.no_grad():
+        handles = [layer.register_forward_pre_hook(record(i)) for i, layer in enumerate(layers)]
+        got = model(ids).logits
+        for handle in handles:
+            handle.remove()
+    assert seen == [[0], [1]]  # each layer on its copies during its own forward, and only then
+    assert torch.equal(got, want)
+    assert [storage(layer) for layer in layers] == before
+    assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
+
+
+def test_cli_zero_shot_of_a_model_in_cpu_ram_streams_its_layers(monkeypatch):
+    """With --offload on a GPU machine, lm-eval runs the model with its layers streamed (simulated here: the
+    model in CPU RAM, 'the GPU' being the CPU), and gets --eval_batch_size requests per forward."""
+    import argparse
+
+    from pruning import cli, layerwise
+    from pruning.adapters import get_adapter
+
+    model = tiny_model("opt").eval()
+    layers = get_adapter(model).layers(model)
+    calls = []
+
+    def fake_zero_shot(model_, tokenizer, tasks, batch_size, include_path):
+        calls.append((tasks, batch_size, [bool(layer._forward_pre_hooks) for layer in layers]))
+        return {"boolq": {"acc,none": 0.5}}
+
+    monkeypatch.setattr(evaluate, "zero_shot", fake_zero_shot)
+    monkeypatch.setattr(cli, "_streamed_from_cpu", lambda *_: True)
+    monkeypatch.setattr(layerwise, "compute_device_for", lambda _module: torch.device("cpu"))
+    args = argparse.Namespace(zero_shot_tasks="boolq,rte", eval_batch_size=8, zero_shot_include_path=None)
+    assert cli.evaluate_zero_shot(model, None, args) == {"boolq": {"acc,none": 0.5}}
+    assert calls == [(["boolq", "rte"], 8, [True, True])]
+    assert not any(layer._forward_pre_hooks for layer in layers)
