@@ -91,8 +91,15 @@ def _with_fused_rotary(forward, modeling):
 def fuse_small_ops_(model: nn.Module) -> dict[str, int]:
     """In place, for LLaMA-family models: each RMSNorm becomes a :class:`FusedRMSNorm` (sharing its weight)
     and each attention applies the rotary embedding with one kernel. Returns how many of each the model now
-    runs fused (zeros for models without them, e.g. OPT). Idempotent."""
+    runs fused (zeros for models without them, e.g. OPT). Idempotent. Other architectures are refused: the swap
+    finds its targets by name, and a norm or rotary function of the same name can compute something else
+    (Gemma's 1 + weight scale, interleaved or partial rotary embeddings)."""
+    from pruning.adapters import get_adapter
+    from pruning.adapters.llama import LLAMA
+
     counts = {"rms_norm": 0, "rotary": 0}
+    if get_adapter(model) is not LLAMA:  # raises for an unsupported architecture
+        return counts
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, FusedRMSNorm):

@@ -365,3 +365,24 @@ def test_fused_rotary_falls_back_for_what_it_does_not_cover(device):
     assert calls == [1, 2]
     got = fused_apply_rotary_pos_emb(q, k, cos, sin, fallback=fallback)
     assert calls == [1, 2] and torch.equal(got[0], rotary_torch(q, k, cos, sin)[0])
+
+
+def test_other_architectures_are_refused_not_fused_silently():
+    """GLM has what the swap looks for (q_proj/k_proj, a module-level ``apply_rotary_pos_emb``, RMSNorms) with
+    other semantics (a partial, interleaved rotary embedding). Fusion is tested on the LLaMA family only, so
+    anything else is refused, and left untouched, rather than trusted to name matching."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pruning.adapters import UnsupportedModelError
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "glm", vocab_size=96, pad_token_id=0, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    before = {name: type(module) for name, module in model.named_modules()}
+    with pytest.raises(UnsupportedModelError, match="unsupported architecture 'glm'"):
+        fuse_small_ops_(model)
+    assert {name: type(module) for name, module in model.named_modules()} == before
+    assert not any(getattr(m.forward, "fused_rotary", False) for m in model.modules())
