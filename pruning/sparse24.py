@@ -279,10 +279,10 @@ def decompress_model_24_(model: nn.Module) -> list[str]:
     return names
 
 
-def save_sparse(model: nn.Module, tokenizer, directory: Path) -> Path:
+def save_sparse(model: nn.Module, tokenizer, directory: Path, max_shard_size: int | str | None = None) -> Path:
     """``save_pretrained`` the model (safetensors) into ``directory`` (which the caller stages and renames
     atomically) with its decoder Linears 2:4-compressed. The model itself is left as it was: the packed
-    modules stand in for the Linears only while it is written."""
+    modules stand in for the Linears only while it is written. ``max_shard_size``: as in ``save_pretrained``."""
     packed = _pack_decoder_linears(model)
     had_spec, previous_spec = hasattr(model.config, "sparsity_config"), getattr(model.config, "sparsity_config", None)
     try:
@@ -295,7 +295,7 @@ def save_sparse(model: nn.Module, tokenizer, directory: Path) -> Path:
             "layout": "values [O, C/2] model dtype (kept entries, lower column first); "
             "meta uint8 [O, C/8]: 2-bit column-in-group of kept value 4b+i in bits [2i, 2i+2) of byte b",
         }
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     finally:
         for _, parent, attribute, linear, _ in packed:
             setattr(parent, attribute, linear)

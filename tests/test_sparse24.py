@@ -67,6 +67,25 @@ def test_saving_compressed_leaves_the_model_as_it_was(tmp_path):
     assert "sparsity_config" in json.loads((tmp_path / "config.json").read_text())
 
 
+def test_a_sharded_checkpoint_loads_from_all_its_shards(tmp_path):
+    """Large models are saved in several safetensors files with an index: load_sparse reads every shard."""
+    model = pruned("opt")
+    save_sparse(model, None, tmp_path, max_shard_size="40KB")
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    loaded = load_sparse(tmp_path)
+    for name, param in model.state_dict().items():
+        module_name, _, attribute = name.rpartition(".")
+        module = loaded.get_submodule(module_name)
+        got = (
+            module.to_dense()
+            if isinstance(module, Sparse24Linear) and attribute == "weight"
+            else getattr(module, attribute)
+        )
+        assert torch.equal(got, param), name
+
+
 def test_compressed_tensors_are_0_5625x_the_dense_size(tmp_path):
     model = pruned("opt", torch.float16)
     first = "model.decoder.layers.0.fc1"
