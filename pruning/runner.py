@@ -134,6 +134,36 @@ class GreedyDecoder:
         self.attention_mask = torch.ones(batch, max_len, dtype=torch.long, device=device)
         self.graph = None
         self.length = 0
+        self._write_cache_at_positions()
+
+    def _write_cache_at_positions(self) -> None:
+        """Plain static-cache layers write where this decoder feeds tokens (a prefill from position 0, then one
+        token at ``self.position``), with one kernel (``wanda_kernels.kv_cache``) where transformers' layer takes
+        five, at its own device-side counter."""
+        from transformers.cache_utils import StaticLayer
+
+        for layer in self.cache.layers:
+            if type(layer) is StaticLayer:
+                layer.update = functools.partial(self._write_cache_layer, layer)
+        other = {type(layer).__name__ for layer in self.cache.layers if type(layer) is not StaticLayer}
+        if other and self.use_graph:
+            # A sliding-window layer branches on a host-side count (filling, then rolling): one captured step
+            # cannot serve every later one.
+            log.warning("decoding without CUDA graphs: the static cache has %s layers", ", ".join(sorted(other)))
+            self.use_graph = False
+
+    def _write_cache_layer(self, layer, key_states: torch.Tensor, value_states: torch.Tensor, *_args, **_kwargs):
+        from wanda_kernels._runtime import interpreting
+        from wanda_kernels.kv_cache import write_kv_cache_
+        from wanda_kernels.reference import write_kv_cache_torch
+
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        n_new = key_states.shape[2]
+        positions = self.position if n_new == 1 else torch.arange(n_new, device=key_states.device)
+        write = write_kv_cache_ if key_states.is_cuda or interpreting() else write_kv_cache_torch
+        write(layer.keys, layer.values, key_states, value_states, positions, layer.cumulative_length)
+        return layer.keys, layer.values
 
     def _run(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         out = self.model(
@@ -151,6 +181,7 @@ class GreedyDecoder:
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Fill the cache with the prompt [batch, T]; returns the first generated token [batch, 1]."""
         self.cache.reset()
+        self.position.fill_(0)  # where a one-token prompt is written (see _write_cache_layer)
         length = input_ids.shape[1]
         if input_ids.shape[0] != self.batch or length >= self.max_len:
             raise ValueError(f"prompt must be [{self.batch}, < {self.max_len}], got {tuple(input_ids.shape)}")
@@ -169,8 +200,8 @@ class GreedyDecoder:
             raise ValueError(f"static cache of {self.max_len} positions is full")
         self.position.fill_(self.length)
         if self.use_graph and self.graph is None:
-            # Capturing runs the step (warm-up + capture write the cache at `position`, which the real step
-            # overwrites with the same values), so capture before the first real step.
+            # Capture before the first real step. The warm-up runs before the capture execute the step; they write
+            # the keys and values the real step writes, where it writes them, and set the counter as it does.
             self.graph, self.next_token = _try_capture(self._step, "decode step")
             self.use_graph = self.graph is not None
         if self.graph is None:

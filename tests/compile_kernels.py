@@ -24,6 +24,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+import wanda_kernels.kv_cache as kv_cache  # noqa: E402
 import wanda_kernels.magnitude as magnitude  # noqa: E402
 import wanda_kernels.nm as nm  # noqa: E402
 import wanda_kernels.pack24 as pack24  # noqa: E402
@@ -118,6 +119,11 @@ def variants():
         ptrs = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_out_ptr")}
         consts = {"BLOCK_D": 128, "BLOCK_H": 32}
         yield f"rotary {dtype} D128", variant(rope._rotary_kernel, ptrs, consts, 4, enable_fp_fusion=False)
+    for n_new, block_t in (("decode", 1), ("prefill", 32)):
+        ptrs = {n: "*fp16" for n in ("keys_ptr", "values_ptr", "new_keys_ptr", "new_values_ptr")}
+        ptrs.update(positions_ptr="*i64", length_ptr="*i64")
+        consts = {"BLOCK_T": block_t, "BLOCK_D": 128}
+        yield f"kv_cache_write fp16 D128 {n_new}", variant(kv_cache._write_kv_cache_kernel, ptrs, consts, 4)
     for select_nm, n, m in ((False, 0, 1), (True, 2, 4)):
         ptrs = {"w_ptr": "*fp32", "hinv_ptr": "*fp32", "mask_ptr": "*u8", "err_ptr": "*fp32"}
         block_c = 128

@@ -13,7 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 
 from pruning.fusion import FusedRMSNorm, fuse_small_ops_
 from pruning.runner import GreedyDecoder, PrefillRunner
-from wanda_kernels.reference import rms_norm_torch, rotary_torch
+from wanda_kernels.kv_cache import write_kv_cache_
+from wanda_kernels.reference import rms_norm_torch, rotary_torch, write_kv_cache_torch
 from wanda_kernels.rmsnorm import rms_norm
 from wanda_kernels.rope import rotary
 
@@ -138,6 +139,56 @@ def test_rotary_refuses_bad_arguments(device):
         rotary(q, k, cos.float(), sin.float())
     with pytest.raises(ValueError, match="even"):
         rotary(q[..., :7], k[..., :7], cos[..., :7], sin[..., :7])
+
+
+# --- KV cache writes -------------------------------------------------------------------------------------
+
+
+def _cache_and_states(device, dtype, batch=2, heads=3, cache_len=20, n_new=5, head_dim=24):
+    gen = torch.Generator().manual_seed(0)
+    keys, values = (torch.randn(batch, heads, cache_len, head_dim, generator=gen).to(device, dtype) for _ in range(2))
+    # As attention hands them over: [B, T, H, D] projections viewed as [B, H, T, D] (non-contiguous).
+    new_keys, new_values = (
+        torch.randn(batch, n_new, heads, head_dim, generator=gen).to(device, dtype).transpose(1, 2) for _ in range(2)
+    )
+    return keys, values, new_keys, new_values
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("n_new", "first"), [(1, 13), (5, 0), (200, 3)])
+def test_kv_cache_write_equals_index_copy(device, dtype, n_new, first):
+    keys, values, new_keys, new_values = _cache_and_states(device, dtype, cache_len=256, n_new=n_new)
+    positions = torch.arange(first, first + n_new, device=device)
+    length = torch.tensor(7, device=device)
+    want = [t.clone() for t in (keys, values, length)]
+    write_kv_cache_torch(*want[:2], new_keys, new_values, positions, want[2])
+    write_kv_cache_(keys, values, new_keys, new_values, positions, length)
+    for got, expected in zip((keys, values, length), want, strict=True):
+        assert torch.equal(got, expected)  # a copy: exact
+    assert int(length) == first + n_new
+
+
+def test_kv_cache_write_takes_positions_in_any_order(device):
+    keys, values, new_keys, new_values = _cache_and_states(device, torch.float16, n_new=3)
+    positions = torch.tensor([9, 2, 17], device=device)
+    length = torch.tensor(0, device=device)
+    want = [t.clone() for t in (keys, values, length)]
+    write_kv_cache_torch(*want[:2], new_keys, new_values, positions, want[2])
+    write_kv_cache_(keys, values, new_keys, new_values, positions, length)
+    assert torch.equal(keys, want[0]) and torch.equal(values, want[1]) and int(length) == 18
+
+
+def test_kv_cache_write_refuses_bad_arguments(device):
+    keys, values, new_keys, new_values = _cache_and_states(device, torch.float16)
+    positions, length = torch.arange(5, device=device), torch.tensor(0, device=device)
+    with pytest.raises(ValueError, match="new_keys must be"):
+        write_kv_cache_(keys, values, new_keys[:, :2], new_values, positions, length)
+    with pytest.raises(ValueError, match="one dtype"):
+        write_kv_cache_(keys, values, new_keys.float(), new_values.float(), positions, length)
+    with pytest.raises(ValueError, match="positions must be"):
+        write_kv_cache_(keys, values, new_keys, new_values, positions.int(), length)
+    with pytest.raises(ValueError, match="one cache layout"):
+        write_kv_cache_(keys, values[..., :12], new_keys, new_values, positions, length)
 
 
 # --- model glue ------------------------------------------------------------------------------------------

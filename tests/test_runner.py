@@ -15,6 +15,13 @@ from pruning.runner import GreedyDecoder, PrefillRunner
 
 def tiny(family: str):
     torch.manual_seed(0)
+    if family == "mistral-sliding":
+        from transformers import MistralConfig, MistralForCausalLM
+
+        config = MistralConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                               sliding_window=8)  # fmt: skip
+        return MistralForCausalLM(config).eval()
     if family == "opt":
         config = OPTConfig(vocab_size=96, hidden_size=64, word_embed_proj_dim=64, ffn_dim=128, num_hidden_layers=2,
                            num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
@@ -34,6 +41,52 @@ def test_greedy_decoder_matches_generate(family):
     assert torch.equal(decoder.generate(prompt, 12), want)
     # The cache is reset by the next prefill: a second run gives the same tokens.
     assert torch.equal(decoder.generate(prompt, 12), want)
+    # A one-token prompt after a run: written at position 0, not where the last run stopped.
+    with torch.no_grad():
+        want_one = model.generate(prompt[:, :1], max_new_tokens=5, do_sample=False, min_new_tokens=5)[:, 1:]
+    assert torch.equal(decoder.generate(prompt[:, :1], 5), want_one)
+
+
+class _GraphOnCpu:
+    """Stands in for a captured CUDA graph: ``replay`` runs the step again into the captured output."""
+
+    def __init__(self, fn, out):
+        self.fn, self.out = fn, out
+
+    def replay(self):
+        self.out.copy_(self.fn())
+
+
+def _capture_on_cpu(fn, warmup: int = 2):
+    """``runner._capture`` as the device sees it: the warm-up runs execute, the capture run only records (its
+    writes to the static cache are undone here), and each replay executes the recorded step."""
+    for _ in range(warmup):
+        fn()
+    cache_tensors = [t for layer in fn.__self__.cache.layers for t in vars(layer).values() if torch.is_tensor(t)]
+    before = [t.clone() for t in cache_tensors]
+    out = fn()
+    for tensor, saved in zip(cache_tensors, before, strict=True):
+        tensor.copy_(saved)
+    return _GraphOnCpu(fn, out), out
+
+
+@pytest.mark.parametrize("family", ["opt", "llama", "mistral-sliding"])
+def test_graphed_decode_steps_write_the_cache_where_eager_steps_do(family, monkeypatch):
+    """transformers' static cache layers write at their own device-side counter, which the warm-up steps run
+    before a capture advance: every replayed step would then write its keys and values ahead of the position it
+    attends to. Simulated on the CPU: capture with warm-up, then replays; the tokens must be the eager
+    decoder's, over two generations. A sliding window (8, shorter than the decode) branches on a host-side
+    count, which no single captured step can follow: that decoder runs eagerly."""
+    from pruning import runner
+
+    model = tiny(family)
+    prompt = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    want = GreedyDecoder(model, batch=2, max_len=32, use_graph=False).generate(prompt, 12)
+    monkeypatch.setattr(runner, "_capture", _capture_on_cpu)
+    decoder = GreedyDecoder(model, batch=2, max_len=32, use_graph=True)
+    assert torch.equal(decoder.generate(prompt, 12), want)
+    assert (decoder.graph is not None) == (family != "mistral-sliding") == decoder.use_graph
+    assert torch.equal(decoder.generate(prompt, 12), want)  # replays only, after a fresh prefill
 
 
 def test_decoder_refuses_overflow():

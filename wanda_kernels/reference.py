@@ -216,3 +216,18 @@ def rotary_torch(
     cos/sin [B or 1, T, D] broadcast over heads."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def write_kv_cache_torch(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+    positions: torch.Tensor,
+    length: torch.Tensor,
+) -> None:
+    """A static KV cache update at given positions: keys/values [B, H, L, D] take new_keys/new_values
+    [B, H, T, D] at ``positions`` [T] along L, and ``length`` becomes ``positions[-1] + 1``."""
+    keys.index_copy_(2, positions, new_keys)
+    values.index_copy_(2, positions, new_values)
+    length.copy_(positions[-1] + 1)
