@@ -27,6 +27,7 @@ KERNELS = {  # module, function: our Triton kernels the decode step can launch
     ("wanda_kernels.rmsnorm", "rms_norm"),
     ("wanda_kernels.rope", "rotary"),
     ("wanda_kernels.kv_cache", "write_kv_cache_"),
+    ("wanda_kernels.silu_mul", "silu_mul"),
     ("wanda_kernels.sparse24_mm", "sparse24_linear"),
 }
 
@@ -128,7 +129,7 @@ def main() -> int:
         ops = layer_ops(family, small_ops, projections)
         label = (
             f"{family}, "
-            + ("fused norms and rotary" if small_ops else "as written")
+            + ("fuse_small_ops_" if small_ops else "as written")
             + (", fused projections" if projections else "")
         )
         print(f"{label:48s} {len(ops):3d}  {dict(collections.Counter(ops))}")

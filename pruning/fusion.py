@@ -1,6 +1,7 @@
 """Fewer, larger kernels per decoder layer, for inference: the same outputs from fewer launches.
 
-* :func:`fuse_small_ops_`: one kernel for each RMSNorm and each rotary embedding (LLaMA family).
+* :func:`fuse_small_ops_`: one kernel for each RMSNorm, each rotary embedding and each MLP activation
+  ``silu(gate) * up`` (LLaMA family).
 * :func:`fuse_projections_`: the Linears that read the same input (q/k/v; LLaMA's gate/up) run as one.
 
 At decode sizes the Linears read their weights at memory speed and everything else is launch-bound: in
@@ -89,15 +90,16 @@ def _with_fused_rotary(forward, modeling):
 
 
 def fuse_small_ops_(model: nn.Module) -> dict[str, int]:
-    """In place, for LLaMA-family models: each RMSNorm becomes a :class:`FusedRMSNorm` (sharing its weight)
-    and each attention applies the rotary embedding with one kernel. Returns how many of each the model now
-    runs fused (zeros for models without them, e.g. OPT). Idempotent. Other architectures are refused: the swap
+    """In place, for LLaMA-family models: each RMSNorm becomes a :class:`FusedRMSNorm` (sharing its weight),
+    each attention applies the rotary embedding with one kernel, and each MLP its ``silu(gate) * up``. Returns
+    how many of each the model now runs fused (zeros for models without them, e.g. OPT). Idempotent. Other
+    architectures are refused: the swap
     finds its targets by name, and a norm or rotary function of the same name can compute something else
     (Gemma's 1 + weight scale, interleaved or partial rotary embeddings)."""
     from pruning.adapters import get_adapter
     from pruning.adapters.llama import LLAMA
 
-    counts = {"rms_norm": 0, "rotary": 0}
+    counts = {"rms_norm": 0, "rotary": 0, "silu_mul": 0}
     if get_adapter(model) is not LLAMA:  # raises for an unsupported architecture
         return counts
     for parent in list(model.modules()):
@@ -114,7 +116,28 @@ def fuse_small_ops_(model: nn.Module) -> dict[str, int]:
             if not getattr(module.forward, "fused_rotary", False):
                 module.forward = _with_fused_rotary(module.forward, modeling)
             counts["rotary"] += 1
+        if _is_silu_gated_mlp(module):
+            if not isinstance(module.forward, functools.partial):
+                module.forward = functools.partial(_gated_mlp_forward, module)
+            counts["silu_mul"] += 1
     return counts
+
+
+def _is_silu_gated_mlp(module: nn.Module) -> bool:
+    """LLaMA's MLP: ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with SiLU."""
+    act = getattr(module, "act_fn", None)
+    is_silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+    return is_silu and all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _gated_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The MLP with ``silu(gate) * up`` as one kernel (two in torch)."""
+    from wanda_kernels.reference import silu_mul_torch
+    from wanda_kernels.silu_mul import silu_mul
+
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    op = silu_mul if _kernels_run_on(gate) and gate.dtype == up.dtype and gate.shape == up.shape else silu_mul_torch
+    return mlp.down_proj(op(gate, up))
 
 
 class SharedInputLinears(nn.Module):

@@ -32,6 +32,7 @@ import wanda_kernels.rmsnorm as rmsnorm  # noqa: E402
 import wanda_kernels.rope as rope  # noqa: E402
 import wanda_kernels.scores as scores  # noqa: E402
 import wanda_kernels.select as selection  # noqa: E402
+import wanda_kernels.silu_mul as silu_mul  # noqa: E402
 import wanda_kernels.sparse24_mm as sparse24_mm  # noqa: E402
 import wanda_kernels.sparsegpt_block as sparsegpt_block  # noqa: E402
 import wanda_kernels.sq_norms as sq_norms  # noqa: E402
@@ -119,6 +120,9 @@ def variants():
         ptrs = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_out_ptr")}
         consts = {"BLOCK_D": 128, "BLOCK_H": 32}
         yield f"rotary {dtype} D128", variant(rope._rotary_kernel, ptrs, consts, 4, enable_fp_fusion=False)
+    for dtype in ("fp16", "bf16"):
+        ptrs = {n: f"*{dtype}" for n in ("gate_ptr", "up_ptr", "out_ptr")}
+        yield f"silu_mul {dtype} I<=4096", variant(silu_mul._silu_mul_kernel, ptrs, {"BLOCK": 4096}, 4)
     for n_new, block_t in (("decode", 1), ("prefill", 32)):
         ptrs = {n: "*fp16" for n in ("keys_ptr", "values_ptr", "new_keys_ptr", "new_values_ptr")}
         ptrs.update(positions_ptr="*i64", length_ptr="*i64")

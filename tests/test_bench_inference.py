@@ -24,7 +24,12 @@ def test_inference_smoke_records():
         # The LLaMA-shaped model runs the one-kernel RMSNorm/rotary (2 norms per layer + the final one).
         # and q/k/v (+ gate/up) as one product per layer (2 layers each).
         llama = model.startswith("llama")
-        want_fused = {"rms_norm": 5 if llama else 0, "rotary": 2 if llama else 0, "projections": 4 if llama else 2}
+        want_fused = {
+            "rms_norm": 5 if llama else 0,
+            "rotary": 2 if llama else 0,
+            "silu_mul": 2 if llama else 0,
+            "projections": 4 if llama else 2,
+        }
         assert all(r["fused_small_ops"] == want_fused for r in rows if r["op"] in ("prefill", "decode"))
         decode = [r for r in rows if r["op"] == "decode"]
         assert {(r["provider"], r["shape"][0]) for r in decode} == {

@@ -14,9 +14,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 from pruning.fusion import FusedRMSNorm, fuse_small_ops_
 from pruning.runner import GreedyDecoder, PrefillRunner
 from wanda_kernels.kv_cache import write_kv_cache_
-from wanda_kernels.reference import rms_norm_torch, rotary_torch, write_kv_cache_torch
+from wanda_kernels.reference import rms_norm_torch, rotary_torch, silu_mul_torch, write_kv_cache_torch
 from wanda_kernels.rmsnorm import rms_norm
 from wanda_kernels.rope import rotary
+from wanda_kernels.silu_mul import silu_mul
 
 MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
 
@@ -141,6 +142,38 @@ def test_rotary_refuses_bad_arguments(device):
         rotary(q[..., :7], k[..., :7], cos[..., :7], sin[..., :7])
 
 
+# --- silu(gate) * up ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 96), (3, 5, 344), (7, 5000)])
+def test_silu_mul_matches_reference(device, dtype, shape):
+    gen = torch.Generator().manual_seed(sum(shape))
+    gate = (4 * torch.randn(shape, generator=gen)).to(device=device, dtype=dtype)  # both tails of the sigmoid
+    up = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    got, want = silu_mul(gate, up), silu_mul_torch(gate, up)
+    assert got.is_contiguous()
+    if dtype == torch.float32:  # exp's last bits (Triton's is not torch's)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    else:  # silu rounded to 16 bits, then the product: 1 ulp for exp's last bit
+        assert_within_ulps(got, want, 1 + 2 * interpreter_bf16_ulps(dtype, device))
+
+
+def test_silu_mul_reads_the_halves_of_a_fused_gate_up_product(device):
+    """With gate/up fused, gate and up are column views of one [.., 2I] output: read in place, no copy."""
+    fused = torch.randn(2, 3, 2 * 344, generator=torch.Generator().manual_seed(0)).to(device, torch.float16)
+    gate, up = fused[..., :344], fused[..., 344:]
+    assert_within_ulps(silu_mul(gate, up), silu_mul_torch(gate, up), 1)
+
+
+def test_silu_mul_refuses_bad_arguments(device):
+    gate = torch.randn(4, 8, device=device, dtype=torch.float16)
+    with pytest.raises(ValueError, match="one shape"):
+        silu_mul(gate, gate[:, :4])
+    with pytest.raises(ValueError, match="one float dtype"):
+        silu_mul(gate, gate.float())
+
+
 # --- KV cache writes -------------------------------------------------------------------------------------
 
 
@@ -221,8 +254,9 @@ def test_fused_llama_gives_the_same_outputs(device):
 
     plain, fused = tiny_llama().to(device), tiny_llama().to(device)
     original_rotary = modeling_llama.apply_rotary_pos_emb
-    assert fuse_small_ops_(fused) == {"rms_norm": 5, "rotary": 2}  # 2 per layer + the final norm; 1 per layer
-    assert fuse_small_ops_(fused) == {"rms_norm": 5, "rotary": 2}  # idempotent: nothing wrapped twice
+    # Norms: 2 per layer and the final one; rotary embeddings and MLP activations: 1 per layer.
+    assert fuse_small_ops_(fused) == {"rms_norm": 5, "rotary": 2, "silu_mul": 2}
+    assert fuse_small_ops_(fused) == {"rms_norm": 5, "rotary": 2, "silu_mul": 2}  # idempotent: nothing wrapped twice
     assert not hasattr(fused.model.layers[0].self_attn.forward.__wrapped__, "fused_rotary")
     assert sum(isinstance(m, FusedRMSNorm) for m in fused.modules()) == 5
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1)).to(device)
@@ -270,7 +304,7 @@ def test_fused_decode_step_skips_the_elementwise_chains(device):
 def test_opt_has_nothing_to_fuse():
     config = OPTConfig(vocab_size=96, hidden_size=32, word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=1,
                        num_attention_heads=2, max_position_embeddings=32)  # fmt: skip
-    assert fuse_small_ops_(OPTForCausalLM(config)) == {"rms_norm": 0, "rotary": 0}
+    assert fuse_small_ops_(OPTForCausalLM(config)) == {"rms_norm": 0, "rotary": 0, "silu_mul": 0}
 
 
 # --- fused projections -----------------------------------------------------------------------------------

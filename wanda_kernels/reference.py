@@ -231,3 +231,8 @@ def write_kv_cache_torch(
     keys.index_copy_(2, positions, new_keys)
     values.index_copy_(2, positions, new_values)
     length.copy_(positions[-1] + 1)
+
+
+def silu_mul_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's activation: transformers' ``act_fn(gate_proj(x)) * up_proj(x)`` with SiLU."""
+    return (torch.nn.functional.silu(gate) * up).contiguous()
