@@ -200,10 +200,13 @@ class GreedyDecoder:
             raise ValueError(f"static cache of {self.max_len} positions is full")
         self.position.fill_(self.length)
         if self.use_graph and self.graph is None:
-            # Capture before the first real step. The warm-up runs before the capture execute the step; they write
-            # the keys and values the real step writes, where it writes them, and set the counter as it does.
+            # Capture before the first real step. The warm-up runs before the capture execute the step: they write
+            # the keys and values the real step writes, where it writes them, but they also move each layer's
+            # count of cached tokens, from which the causal mask takes the query's position. Put it back.
             self.graph, self.next_token = _try_capture(self._step, "decode step")
             self.use_graph = self.graph is not None
+            for layer in self.cache.layers:
+                layer.cumulative_length.fill_(self.length)
         if self.graph is None:
             self.token.copy_(self._step())
         else:

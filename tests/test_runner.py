@@ -50,11 +50,17 @@ def test_greedy_decoder_matches_generate(family):
 class _GraphOnCpu:
     """Stands in for a captured CUDA graph: ``replay`` runs the step again into the captured output."""
 
+    replaying = False
+
     def __init__(self, fn, out):
         self.fn, self.out = fn, out
 
     def replay(self):
-        self.out.copy_(self.fn())
+        _GraphOnCpu.replaying = True
+        try:
+            self.out.copy_(self.fn())
+        finally:
+            _GraphOnCpu.replaying = False
 
 
 def _capture_on_cpu(fn, warmup: int = 2):
@@ -71,22 +77,41 @@ def _capture_on_cpu(fn, warmup: int = 2):
 
 
 @pytest.mark.parametrize("family", ["opt", "llama", "mistral-sliding"])
-def test_graphed_decode_steps_write_the_cache_where_eager_steps_do(family, monkeypatch):
-    """transformers' static cache layers write at their own device-side counter, which the warm-up steps run
-    before a capture advance: every replayed step would then write its keys and values ahead of the position it
-    attends to. Simulated on the CPU: capture with warm-up, then replays; the tokens must be the eager
-    decoder's, over two generations. A sliding window (8, shorter than the decode) branches on a host-side
-    count, which no single captured step can follow: that decoder runs eagerly."""
+def test_graphed_decode_steps_compute_what_eager_steps_do(family, monkeypatch):
+    """transformers' static cache layers write at their own device-side counter, and the causal mask takes the
+    query's position from it too; the warm-up steps run before a capture advance it. Replayed steps would then
+    write keys and values ahead of the position they attend to, or (with the writes placed right) let the first
+    replayed step attend one slot too far. Simulated on the CPU: capture with warm-up, then replays; every
+    replayed step's logits must be the eager step's, bit for bit, over two generations. A sliding window (8,
+    shorter than the decode) branches on a host-side count, which no single captured step can follow: that
+    decoder runs eagerly."""
     from pruning import runner
 
     model = tiny(family)
     prompt = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(0))
-    want = GreedyDecoder(model, batch=2, max_len=32, use_graph=False).generate(prompt, 12)
+    step_logits, graphed = [], {"on": False}
+
+    def record(_module, args, kwargs, output):
+        one_token = (kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).shape[1] == 1
+        if one_token and (not graphed["on"] or _GraphOnCpu.replaying):
+            step_logits.append(output.logits[:, -1].clone())
+
+    model.register_forward_hook(record, with_kwargs=True)
+    want_tokens = GreedyDecoder(model, batch=2, max_len=32, use_graph=False).generate(prompt, 12)
+    want_logits, step_logits[:] = list(step_logits), []
+    assert len(want_logits) == 11
     monkeypatch.setattr(runner, "_capture", _capture_on_cpu)
+    graphed["on"] = True
     decoder = GreedyDecoder(model, batch=2, max_len=32, use_graph=True)
-    assert torch.equal(decoder.generate(prompt, 12), want)
-    assert (decoder.graph is not None) == (family != "mistral-sliding") == decoder.use_graph
-    assert torch.equal(decoder.generate(prompt, 12), want)  # replays only, after a fresh prefill
+    for _ in range(2):  # the second generation replays only, after a fresh prefill
+        step_logits[:] = []
+        assert torch.equal(decoder.generate(prompt, 12), want_tokens)
+        if family == "mistral-sliding":
+            assert not decoder.use_graph and decoder.graph is None
+            continue
+        assert decoder.use_graph and len(step_logits) == len(want_logits)
+        for got, want in zip(step_logits, want_logits, strict=True):
+            assert torch.equal(got, want)
 
 
 def test_decoder_refuses_overflow():
