@@ -252,6 +252,20 @@ def _profile_decode_steps(decoder, steps: int = 4) -> dict:
         return {"error": str(err)[:300]}
 
 
+AGREEMENT_PROMPT, AGREEMENT_TOKENS = 32, 8
+
+
+def _agreement_with_eager(model, short_prompt: torch.Tensor, graphed_tokens: torch.Tensor) -> float:
+    """The fraction of greedy tokens an eager decoder produces alike the timed (graphed) one did from the same
+    short prompt: the same kernels, so 1.0 unless the graph replays something else than the step (a stale
+    position, a cache written in the wrong place)."""
+    from pruning.runner import GreedyDecoder
+
+    batch, prompt_len = short_prompt.shape
+    eager = GreedyDecoder(model, batch, prompt_len + graphed_tokens.shape[1] + 1, use_graph=False)
+    return float((eager.generate(short_prompt, graphed_tokens.shape[1]) == graphed_tokens).float().mean())
+
+
 def _measure_model(model, label, provider, device, dtype, smoke, reps, reference: dict, fused: dict) -> list[dict]:
     from pruning.runner import GreedyDecoder, PrefillRunner
 
@@ -290,14 +304,19 @@ def _measure_model(model, label, provider, device, dtype, smoke, reps, reference
             torch.cuda.synchronize()
         ms_per_token = (time.perf_counter() - t0) * 1e3 / steps
         profile = _profile_decode_steps(decoder) if device.type == "cuda" else None
+        use_graph = decoder.use_graph
+        short_prompt = prompt[:, :AGREEMENT_PROMPT]
+        graphed_tokens = decoder.generate(short_prompt, AGREEMENT_TOKENS)  # replays after a fresh prefill
+        del decoder  # its cache is the large one
+        agreement = _agreement_with_eager(model, short_prompt, graphed_tokens)
         timing = {"median_ms": ms_per_token, "p20_ms": ms_per_token, "p80_ms": ms_per_token, "reps": steps}
         key = ("decode", batch)
         ref_ms = reference[key]["median_ms"] if key in reference else None
-        records.append(_record("decode", provider, label, (batch, context), dtype, timing, ref_ms, None,
-                               tokens_per_s=batch * 1e3 / ms_per_token, cuda_graph=decoder.use_graph,
-                               fused_small_ops=fused, kernel_profile=profile))  # fmt: skip
+        records.append(_record("decode", provider, label, (batch, context), dtype, timing, ref_ms, agreement == 1.0,
+                               tokens_per_s=batch * 1e3 / ms_per_token, cuda_graph=use_graph,
+                               graph_token_agreement=agreement, fused_small_ops=fused,
+                               kernel_profile=profile))  # fmt: skip
         reference.setdefault(key, {"median_ms": ms_per_token})
-        del decoder
     return records
 
 

@@ -36,6 +36,7 @@ def test_inference_smoke_records():
             (p, b) for p in ("dense", "sparse24") for b in inference.DECODE_BATCHES
         }
         assert all(r["tokens_per_s"] > 0 and r["speedup_vs_reference"] or r["provider"] == "dense" for r in decode)
+        assert all(r["graph_token_agreement"] == 1.0 and r["correct"] is True for r in decode)
 
 
 def test_random_llama_is_a_working_model():
