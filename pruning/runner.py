@@ -159,6 +159,8 @@ class GreedyDecoder:
 
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
+        if layer.keys.shape != layer.values.shape:  # keys and values of other head sizes: transformers' own update
+            return type(layer).update(layer, key_states, value_states, *_args, **_kwargs)
         n_new = key_states.shape[2]
         positions = self.position if n_new == 1 else torch.arange(n_new, device=key_states.device)
         write = write_kv_cache_ if key_states.is_cuda or interpreting() else write_kv_cache_torch

@@ -212,3 +212,17 @@ def test_runners_are_capturable_and_prefill_stays_maskless(family, capturing, fu
     assert prefill.attention == [(False, True)] * model.config.num_hidden_layers
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert model.config._attn_implementation == "sdpa"  # restored after the prefill
+
+
+def test_cache_layers_with_other_value_head_size_keep_transformers_update():
+    """The one-kernel write takes keys and values of one shape; a layer whose values have another head size is
+    updated by transformers' own method, as if the decoder had not touched it."""
+    from transformers.cache_utils import StaticLayer
+
+    decoder = GreedyDecoder(tiny("llama"), batch=1, max_len=8, use_graph=False)
+    keys, values = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 4)
+    ours, theirs = StaticLayer(max_cache_len=8), StaticLayer(max_cache_len=8)
+    got = decoder._write_cache_layer(ours, keys, values)
+    want = theirs.update(keys, values)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert int(ours.cumulative_length) == int(theirs.cumulative_length) == 3
