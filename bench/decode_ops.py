@@ -25,6 +25,7 @@ VIEWS = {
 }  # fmt: skip
 KERNELS = {  # module, function: our Triton kernels the decode step can launch
     ("wanda_kernels.rmsnorm", "rms_norm"),
+    ("wanda_kernels.rmsnorm", "add_rms_norm"),
     ("wanda_kernels.rope", "rotary"),
     ("wanda_kernels.kv_cache", "write_kv_cache_"),
     ("wanda_kernels.silu_mul", "silu_mul"),

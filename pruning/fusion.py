@@ -1,7 +1,7 @@
 """Fewer, larger kernels per decoder layer, for inference: the same outputs from fewer launches.
 
-* :func:`fuse_small_ops_`: one kernel for each RMSNorm, each rotary embedding and each MLP activation
-  ``silu(gate) * up`` (LLaMA family).
+* :func:`fuse_small_ops_`: one kernel for each RMSNorm (with the residual sum before it, after attention),
+  each rotary embedding and each MLP activation ``silu(gate) * up`` (LLaMA family).
 * :func:`fuse_projections_`: the Linears that read the same input (q/k/v; LLaMA's gate/up) run as one.
 
 At decode sizes the Linears read their weights at memory speed and everything else is launch-bound: in
@@ -51,6 +51,15 @@ class FusedRMSNorm(nn.Module):
         op = rms_norm if _kernels_run_on(x) and self.weight.device == x.device else rms_norm_torch
         return op(x, self.weight, self.variance_epsilon)
 
+    def add_and_norm(self, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(residual + delta, self(residual + delta))`` with one kernel."""
+        from wanda_kernels.reference import add_rms_norm_torch
+        from wanda_kernels.rmsnorm import add_rms_norm
+
+        fits = _kernels_run_on(residual) and self.weight.device == residual.device and delta.dtype == residual.dtype
+        op = add_rms_norm if fits and delta.shape == residual.shape else add_rms_norm_torch
+        return op(residual, delta, self.weight, self.variance_epsilon)
+
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, fused"
 
@@ -99,7 +108,7 @@ def fuse_small_ops_(model: nn.Module) -> dict[str, int]:
     from pruning.adapters import get_adapter
     from pruning.adapters.llama import LLAMA
 
-    counts = {"rms_norm": 0, "rotary": 0, "silu_mul": 0}
+    counts = {"rms_norm": 0, "rotary": 0, "silu_mul": 0, "add_rms_norm": 0}
     if get_adapter(model) is not LLAMA:  # raises for an unsupported architecture
         return counts
     for parent in list(model.modules()):
@@ -120,7 +129,25 @@ def fuse_small_ops_(model: nn.Module) -> dict[str, int]:
             if not isinstance(module.forward, functools.partial):
                 module.forward = functools.partial(_gated_mlp_forward, module)
             counts["silu_mul"] += 1
+    for layer in LLAMA.layers(model):
+        norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
+        if all(isinstance(n, FusedRMSNorm) for n in norms) and hasattr(layer, "self_attn") and hasattr(layer, "mlp"):
+            if not isinstance(layer.forward, functools.partial):
+                layer.forward = functools.partial(_decoder_layer_forward, layer, layer.forward)
+            counts["add_rms_norm"] += 1
     return counts
+
+
+def _decoder_layer_forward(layer: nn.Module, original_forward, hidden_states: torch.Tensor, *args, **kwargs):
+    """transformers' LLaMA-family decoder layer (norm, attention, residual, norm, MLP, residual) with the
+    attention's residual sum and the post-attention norm as one kernel. The arguments reach the attention as
+    the layer received them; positional ones (not what transformers passes) go to the layer as written."""
+    if args:
+        return original_forward(hidden_states, *args, **kwargs)
+    residual = hidden_states
+    hidden_states, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
+    residual, hidden_states = layer.post_attention_layernorm.add_and_norm(residual, hidden_states)
+    return residual + layer.mlp(hidden_states)
 
 
 def _is_silu_gated_mlp(module: nn.Module) -> bool:

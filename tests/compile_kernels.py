@@ -116,6 +116,10 @@ def variants():
     for dtype, block in (("fp16", 4096), ("bf16", 8192)):
         ptrs = {"x_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "eps": "fp32"}
         yield f"rms_norm {dtype} D<={block}", variant(rmsnorm._rms_norm_kernel, ptrs, {"BLOCK": block}, block // 512)
+        ptrs = {n: f"*{dtype}" for n in ("residual_ptr", "delta_ptr", "weight_ptr", "sum_ptr", "y_ptr")}
+        ptrs["eps"] = "fp32"
+        kernel = rmsnorm._add_rms_norm_kernel
+        yield f"add_rms_norm {dtype} D<={block}", variant(kernel, ptrs, {"BLOCK": block}, block // 512)
     for dtype in ("fp16", "bf16"):
         ptrs = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_out_ptr")}
         consts = {"BLOCK_D": 128, "BLOCK_H": 32}

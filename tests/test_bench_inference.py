@@ -30,6 +30,7 @@ def test_inference_smoke_records():
             "rms_norm": 5 if llama else 0,
             "rotary": 2 if llama else 0,
             "silu_mul": 2 if llama else 0,
+            "add_rms_norm": 2 if llama else 0,
             "projections": 4 if llama else 2,
         }
         assert all(r["fused_small_ops"] == want_fused for r in rows if r["op"] in ("prefill", "decode"))

@@ -14,8 +14,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 from pruning.fusion import FusedRMSNorm, fuse_small_ops_
 from pruning.runner import GreedyDecoder, PrefillRunner
 from wanda_kernels.kv_cache import write_kv_cache_
-from wanda_kernels.reference import rms_norm_torch, rotary_torch, silu_mul_torch, write_kv_cache_torch
-from wanda_kernels.rmsnorm import rms_norm
+from wanda_kernels.reference import (
+    add_rms_norm_torch,
+    rms_norm_torch,
+    rotary_torch,
+    silu_mul_torch,
+    write_kv_cache_torch,
+)
+from wanda_kernels.rmsnorm import add_rms_norm, rms_norm
 from wanda_kernels.rope import rotary
 from wanda_kernels.silu_mul import silu_mul
 
@@ -52,6 +58,36 @@ def test_rms_norm_matches_reference(device, dtype, shape, eps):
         torch.testing.assert_close(got, want, rtol=4e-7, atol=1e-7)
     else:  # then rounded to 16 bits twice, as the module does
         assert_within_ulps(got, want, 1 + 2 * interpreter_bf16_ulps(dtype, device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 96), (7, 100)])
+def test_add_rms_norm_matches_reference(device, dtype, shape):
+    """The residual sum is rounded as torch's (exact on a GPU), and the norm is of the rounded sum."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    residual, delta = ((3 * torch.randn(shape, generator=gen)).to(device=device, dtype=dtype) for _ in range(2))
+    weight = torch.randn(shape[-1], generator=gen).to(device=device, dtype=dtype)
+    (total, normed), (want_total, want_normed) = (
+        add_rms_norm(residual, delta, weight, 1e-6),
+        add_rms_norm_torch(residual, delta, weight, 1e-6),
+    )
+    if interpreter_bf16_ulps(dtype, device):  # the interpreter truncates the sum: compare the norm of ours
+        assert_within_ulps(total, want_total, 1)
+        want_normed = rms_norm_torch(total, weight, 1e-6)
+    else:
+        assert torch.equal(total, want_total)
+    if dtype == torch.float32:
+        torch.testing.assert_close(normed, want_normed, rtol=4e-7, atol=1e-7)
+    else:
+        assert_within_ulps(normed, want_normed, 1 + 2 * interpreter_bf16_ulps(dtype, device))
+
+
+def test_add_rms_norm_refuses_bad_arguments(device):
+    x = torch.randn(2, 8, device=device)
+    with pytest.raises(ValueError, match="share shape and dtype"):
+        add_rms_norm(x, x[:, :4], torch.ones(8, device=device), 1e-6)
+    with pytest.raises(ValueError, match="weight must be"):
+        add_rms_norm(x, x, torch.ones(4, device=device), 1e-6)
 
 
 def test_rms_norm_strided_input_and_fp32_weight(device):
@@ -254,9 +290,10 @@ def test_fused_llama_gives_the_same_outputs(device):
 
     plain, fused = tiny_llama().to(device), tiny_llama().to(device)
     original_rotary = modeling_llama.apply_rotary_pos_emb
-    # Norms: 2 per layer and the final one; rotary embeddings and MLP activations: 1 per layer.
-    assert fuse_small_ops_(fused) == {"rms_norm": 5, "rotary": 2, "silu_mul": 2}
-    assert fuse_small_ops_(fused) == {"rms_norm": 5, "rotary": 2, "silu_mul": 2}  # idempotent: nothing wrapped twice
+    # Norms: 2 per layer and the final one; rotary embeddings, MLP activations, residual sums + norm: 1 per layer.
+    counts = {"rms_norm": 5, "rotary": 2, "silu_mul": 2, "add_rms_norm": 2}
+    assert fuse_small_ops_(fused) == counts
+    assert fuse_small_ops_(fused) == counts  # idempotent: nothing wrapped twice
     assert not hasattr(fused.model.layers[0].self_attn.forward.__wrapped__, "fused_rotary")
     assert sum(isinstance(m, FusedRMSNorm) for m in fused.modules()) == 5
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1)).to(device)
@@ -304,7 +341,7 @@ def test_fused_decode_step_skips_the_elementwise_chains(device):
 def test_opt_has_nothing_to_fuse():
     config = OPTConfig(vocab_size=96, hidden_size=32, word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=1,
                        num_attention_heads=2, max_position_embeddings=32)  # fmt: skip
-    assert fuse_small_ops_(OPTForCausalLM(config)) == {"rms_norm": 0, "rotary": 0, "silu_mul": 0}
+    assert fuse_small_ops_(OPTForCausalLM(config)) == {"rms_norm": 0, "rotary": 0, "silu_mul": 0, "add_rms_norm": 0}
 
 
 # --- fused projections -----------------------------------------------------------------------------------
@@ -471,3 +508,27 @@ def test_other_architectures_are_refused_not_fused_silently():
         fuse_small_ops_(model)
     assert {name: type(module) for name, module in model.named_modules()} == before
     assert not any(getattr(m.forward, "fused_rotary", False) for m in model.modules())
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
+def test_other_llama_family_models_fuse_to_the_same_outputs(model_type):
+    """The LLaMA adapter's other types have the same layer structure (Qwen3 adds per-head q/k RMSNorms, fused too)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    plain = AutoModelForCausalLM.from_config(config).eval()
+    fused = AutoModelForCausalLM.from_config(config).eval()
+    fused.load_state_dict(plain.state_dict())
+    counts = fuse_small_ops_(fused)
+    assert counts["rotary"] == counts["silu_mul"] == counts["add_rms_norm"] == 2
+    assert counts["rms_norm"] == (9 if model_type == "qwen3" else 5)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+    prompt = ids[:, :5]
+    got = GreedyDecoder(fused, batch=2, max_len=16, use_graph=False).generate(prompt, 6)
+    assert torch.equal(got, GreedyDecoder(plain, batch=2, max_len=16, use_graph=False).generate(prompt, 6))

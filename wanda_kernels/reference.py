@@ -204,6 +204,14 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return (weight * normed.to(x.dtype)).contiguous()
 
 
+def add_rms_norm_torch(
+    residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's ``hidden = residual + delta`` and the RMSNorm of it that feeds the next sublayer."""
+    total = residual + delta
+    return total, rms_norm_torch(total, weight, eps)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
