@@ -124,14 +124,17 @@ class GreedyDecoder:
         device = _device(model)
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
         self.batch, self.max_len = batch, max_len
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        # Slots rounded up to a multiple of 16 (unwritten slots are masked): SDPA's memory-efficient kernel pads,
+        # in every layer, an attention mask whose row stride is not a multiple of 8 (preprocess_mask in torch).
+        cache_len = -(-max_len // 16) * 16
+        self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
         self.cache_kwarg = _cache_kwarg(model)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         # Every slot of the static cache is "not padding"; causality (cache_position) hides the unwritten ones.
         # Passing it keeps the step free of host syncs: without a mask, OPT sizes one from the cache's
         # seen-token count, a device tensor read back with .item(), which a CUDA graph cannot capture.
-        self.attention_mask = torch.ones(batch, max_len, dtype=torch.long, device=device)
+        self.attention_mask = torch.ones(batch, cache_len, dtype=torch.long, device=device)
         self.graph = None
         self.length = 0
         self._write_cache_at_positions()
