@@ -1,6 +1,6 @@
 """Pruning quality on a real trained model: stories260K (llama2.c), dense vs pruned perplexity.
 
-    python -m bench.stories_quality [--out FILE]
+    python -m bench.stories_quality [--ablations] [--out FILE]
 
 The model is Karpathy's stories260K (a 5-layer Llama trained on TinyStories), converted to a Hugging Face
 LlamaForCausalLM from ../shared/data. Evaluation: the first EVAL_CHARS characters of the TinyStories text,
@@ -25,14 +25,17 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EVAL_CHARS = 60_000
 SEQLEN = 256
 NSAMPLES = 128
-CONFIGS = [
-    (method, sparsity_type)
-    for sparsity_type in ("unstructured", "2:4")  # not 4:8: down_proj's in_features is 172
-    for method in ("magnitude", "wanda", "sparsegpt")
+SPARSITY_TYPES = ("unstructured", "2:4")  # not 4:8: down_proj's in_features is 172
+CONFIGS = [(method, kind) for kind in SPARSITY_TYPES for method in ("magnitude", "wanda", "sparsegpt")]
+# locuslab/wanda's ablations: SparseGPT's updates with the mask chosen by Wanda's or the magnitude metric
+ABLATION_CONFIGS = [
+    (method, kind)
+    for kind in SPARSITY_TYPES
+    for method in ("ablate_mag_seq", "ablate_wanda_seq", "ablate_mag_iter", "ablate_wanda_iter")
 ]
 
 
-def run(data_dir: Path = SHARED_DATA) -> list[dict]:
+def run(data_dir: Path = SHARED_DATA, configs: list[tuple[str, str]] = CONFIGS) -> list[dict]:
     import pruning
     from pruning.data import get_calibration_ids, get_eval_ids
     from pruning.evaluate import perplexity
@@ -54,7 +57,7 @@ def run(data_dir: Path = SHARED_DATA) -> list[dict]:
     }  # fmt: skip
     records = [{**common, "method": "dense", "sparsity_type": "-", "sparsity": 0.0,
                 "ppl": perplexity(dense, eval_ids, SEQLEN, batch_size=16, progress=False)}]  # fmt: skip
-    for method, sparsity_type in CONFIGS:
+    for method, sparsity_type in configs:
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
         report = pruning.prune_model(model, calib_ids, method, 0.5, sparsity_type, backend="torch")
@@ -76,11 +79,12 @@ def format_table(records: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.stories_quality", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="JSON-lines file (default: bench/results/)")
+    parser.add_argument("--ablations", action="store_true", help="also Wanda's ablate_* methods")
     args = parser.parse_args(argv)
     if not (SHARED_DATA / "stories260K").is_dir():
         print(f"stories260K not found under {SHARED_DATA}; nothing to measure")
         return 2
-    records = run()
+    records = run(configs=CONFIGS + (ABLATION_CONFIGS if args.ablations else []))
     out = (
         args.out or Path(__file__).resolve().parent / "results" / f"{dt.date.today().isoformat()}_stories260k-cpu.jsonl"
     )

@@ -5,7 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = (
+    "magnitude", "wanda", "sparsegpt",
+    # locuslab/wanda's ablations: SparseGPT's updates, the mask chosen by Wanda's or the magnitude metric
+    "ablate_mag_seq", "ablate_wanda_seq", "ablate_mag_iter", "ablate_wanda_iter",
+)  # fmt: skip
 BACKENDS = ("auto", "triton", "torch")
 
 

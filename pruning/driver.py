@@ -34,8 +34,10 @@ from pruning.layerwise import (
     with_smaller_batches_on_oom,
 )
 from pruning.methods import (
+    accumulate_ablate_scaler_,
     accumulate_hessian_,
     kernel_ops,
+    prune_ablate_,
     prune_magnitude_,
     prune_sparsegpt_,
     prune_wanda_,
@@ -132,17 +134,25 @@ class _GroupStatistics:
     def __init__(self, method: str, n_features: int, device: torch.device, backend: str):
         self.method = method
         self.ops = kernel_ops(backend)
+        self.ablate_scaler = None
+        self.samples_in_batch = 0  # set per batch: a Linear may see its input flattened to [samples * T, C] (OPT)
         if method == "wanda":
             self.act_sq_norms = torch.zeros(n_features, dtype=torch.float32, device=device)
-        else:
+        else:  # SparseGPT and Wanda's ablations of it
             self.hessian = torch.zeros(n_features, n_features, dtype=torch.float32, device=device)
             self.n_seen = 0
+            if method.startswith("ablate_wanda"):
+                self.ablate_scaler = torch.zeros(n_features, dtype=torch.float32, device=device)
 
     def add(self, x: torch.Tensor) -> None:
         if self.method == "wanda":
             self.ops.accumulate_sq_norms_(self.act_sq_norms, x)
-        else:
-            self.n_seen = accumulate_hessian_(self.hessian, x, self.n_seen)
+            return
+        if x.ndim == 2 and self.samples_in_batch > 1:  # count samples as the reference does (one per sequence)
+            x = x.reshape(self.samples_in_batch, -1, x.shape[-1])
+        if self.ablate_scaler is not None:
+            accumulate_ablate_scaler_(self.ablate_scaler, x, self.n_seen)
+        self.n_seen = accumulate_hessian_(self.hessian, x, self.n_seen)
 
 
 MAX_TRITON_SPARSEGPT_BLOCK = 512  # the block kernel keeps a row tile of this many columns in registers
@@ -159,9 +169,13 @@ def _prune_linear(
         prune_wanda_(weight, stats.act_sq_norms, config.sparsity_ratio, n, m, config.use_variant, backend=backend)
     else:
         sparsegpt_backend = backend if config.blocksize <= MAX_TRITON_SPARSEGPT_BLOCK else "torch"
-        prune_sparsegpt_(
-            weight, None, config.sparsity_ratio, n, m, config.blocksize, hinv=hinv, backend=sparsegpt_backend
-        )
+        if config.method == "sparsegpt":
+            prune_sparsegpt_(
+                weight, None, config.sparsity_ratio, n, m, config.blocksize, hinv=hinv, backend=sparsegpt_backend
+            )
+        else:
+            prune_ablate_(weight, config.method, hinv, stats.ablate_scaler, config.sparsity_ratio, n, m,
+                          config.blocksize, backend=sparsegpt_backend)  # fmt: skip
 
 
 def _collect(stats: _GroupStatistics, _module: nn.Module, args: tuple, stop: bool) -> None:
@@ -186,6 +200,12 @@ def _collect_statistics(
         # group's own GEMMs, e.g. fc2 / down_proj, a third of a layer's FLOPs) only feeds nothing.
         is_last = position == len(groups) - 1
         handles.append(first.register_forward_pre_hook(functools.partial(_collect, group_stats, stop=is_last)))
+
+    def note_batch_size(_layer, args) -> None:
+        for group_stats in stats.values():
+            group_stats.samples_in_batch = args[0].shape[0]
+
+    handles.append(layer.register_forward_pre_hook(note_batch_size))
     try:
         feed_layer(layer, inputs, device)
     finally:
@@ -210,7 +230,7 @@ def _collect_and_prune(
     for group in groups:
         group_stats = stats[group[0]]
         hinv = None
-        if config.method == "sparsegpt":
+        if config.method != "wanda":  # SparseGPT and its ablations
             # One damped Cholesky factorization per input group (q/k/v share it); the Hessian's storage
             # is its workspace, since nothing reads the Hessian afterwards.
             hinv = sparsegpt_inverse_hessian(group_stats.hessian, config.percdamp, inplace=True)

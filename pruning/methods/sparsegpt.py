@@ -252,6 +252,8 @@ def prune_sparsegpt_(
     *,
     hinv: InverseHessian | None = None,
     backend: str = "torch",
+    mask: torch.Tensor | None = None,
+    column_saliency: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prune ``weight`` [out, in] in place with SparseGPT; return the bool mask (True = pruned).
 
@@ -264,6 +266,12 @@ def prune_sparsegpt_(
     in ``weight`` whether or not the mask selects them. With ``inplace_hessian=True`` the hessian's storage is
     reused as workspace (saves one [in, in] copy) and left modified. ``backend``: ``"torch"`` (the published
     column loop) or ``"triton"`` (one kernel per block of columns; same result within fp32 rounding).
+
+    Wanda's ablations of the selection (locuslab/wanda ``AblateGPT``): ``mask`` bool [out, in] fixes the
+    pruned entries in advance (its "seq" methods); ``column_saliency`` fp32 [in] replaces the OBS saliency
+    ``w^2 / U_jj^2`` by ``w^2 * column_saliency[j]`` when the mask is chosen during the updates, per block (or
+    per N:M group) from the weights updated so far (its "iter" methods: Wanda's ``|w| * sqrt(s_j)`` squared,
+    or magnitude with ones; squaring keeps the order).
     """
     check_matrix(weight, "weight")
     n_rows, n_cols = weight.shape
@@ -289,19 +297,29 @@ def prune_sparsegpt_(
     _check_damping(percdamp, max_damp_retries)
     if hessian is not None:
         _check_finite(hessian)
+    fixed_mask = mask
+    if fixed_mask is not None and (fixed_mask.shape != weight.shape or fixed_mask.dtype != torch.bool):
+        raise ValueError(f"mask must be bool {tuple(weight.shape)}, got {fixed_mask.dtype} {tuple(fixed_mask.shape)}")
+    if column_saliency is not None and (column_saliency.shape != (n_cols,) or fixed_mask is not None):
+        raise ValueError(f"column_saliency must be [{n_cols}], and is for masks chosen during the updates (no mask)")
 
     mask = torch.zeros(n_rows, n_cols, dtype=torch.bool, device=weight.device)
     if (n == 0) if structured else (sparsity == 0):
         return mask
+    if fixed_mask is not None:
+        mask.copy_(fixed_mask)
 
     w_work = weight.detach().to(torch.float32, copy=True)
     if hinv is None:
         hinv = _factorize(hessian, percdamp, max_damp_retries, inplace_hessian)
     w_work[:, hinv.dead] = 0
+    selection = _Selection(fixed_mask is not None, column_saliency)
+    if backend == "triton" and structured and column_saliency is not None:
+        backend = "torch"  # the block kernel chooses N:M groups by the OBS saliency only
     if backend == "torch":
-        losses = _prune_columns_torch(w_work, hinv.hinv, mask, sparsity, n, m, blocksize)
+        losses = _prune_columns_torch(w_work, hinv.hinv, mask, sparsity, n, m, blocksize, selection)
     else:
-        losses = _prune_blocks_triton(w_work, hinv.hinv, mask, sparsity, n, m, blocksize)
+        losses = _prune_blocks_triton(w_work, hinv.hinv, mask, sparsity, n, m, blocksize, selection)
 
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("sparsegpt: %dx%d damp %.3g error %.6g", n_rows, n_cols, hinv.damp, float(losses.sum()))
@@ -309,10 +327,32 @@ def prune_sparsegpt_(
     return mask
 
 
+class _Selection(NamedTuple):
+    """How the mask is chosen: given in advance (``mask`` holds it), or during the updates by the OBS saliency
+    ``w^2 / U_jj^2`` (``column_saliency`` None) or by ``w^2 * column_saliency[j]``."""
+
+    fixed: bool = False
+    column_saliency: torch.Tensor | None = None
+
+    def saliency(self, w: torch.Tensor, hinv_diag: torch.Tensor, start: int) -> torch.Tensor:
+        """Of the columns ``w`` [O, k] starting at input column ``start``; ``hinv_diag`` their ``U_jj``."""
+        if self.column_saliency is None:
+            return w**2 / hinv_diag.reshape((1, -1)) ** 2  # the published expression, op for op
+        return w**2 * self.column_saliency[start : start + w.shape[1]].reshape((1, -1))
+
+
 def _prune_columns_torch(
-    w_work: torch.Tensor, hinv: torch.Tensor, mask: torch.Tensor, sparsity: float, n: int, m: int, blocksize: int
+    w_work: torch.Tensor,
+    hinv: torch.Tensor,
+    mask: torch.Tensor,
+    sparsity: float,
+    n: int,
+    m: int,
+    blocksize: int,
+    selection: _Selection,
 ) -> torch.Tensor:
-    """The published loop, one column at a time; prunes ``w_work`` in place, fills ``mask``, returns row losses."""
+    """The published loop, one column at a time; prunes ``w_work`` in place, fills ``mask`` (or applies it, if
+    ``selection.fixed``), returns row losses."""
     n_rows, n_cols = w_work.shape
     structured = bool(n or m)
     losses = torch.zeros(n_rows, dtype=torch.float32, device=w_work.device)
@@ -326,16 +366,16 @@ def _prune_columns_torch(
         hinv_diag = torch.diagonal(hinv_block)
         mask_block = mask[:, i1:i2]  # a view: selections land in ``mask`` directly
 
-        if not structured:  # OBS saliency w^2 / [H^-1]_jj with [H^-1]_jj = U_jj^2; one threshold per block
-            saliency = w_block**2 / hinv_diag.reshape((1, -1)) ** 2
+        if not structured and not selection.fixed:  # OBS: w^2 / [H^-1]_jj, [H^-1]_jj = U_jj^2; one threshold
+            saliency = selection.saliency(w_block, hinv_diag, i1)
             threshold = torch.sort(saliency.flatten())[0][int(saliency.numel() * sparsity)]
             mask_block.copy_(saliency <= threshold)
 
         for i in range(i2 - i1):
             w = w_block[:, i]
             d = hinv_block[i, i]
-            if structured and i % m == 0:  # N:M groups chosen from the weights updated so far
-                saliency = w_block[:, i : i + m] ** 2 / hinv_diag[i : i + m].reshape((1, -1)) ** 2
+            if structured and not selection.fixed and i % m == 0:  # N:M groups from the weights updated so far
+                saliency = selection.saliency(w_block[:, i : i + m], hinv_diag[i : i + m], i1 + i)
                 mask_block.scatter_(1, i + _smallest_n_per_group(saliency, n), True)
             q = w.masked_fill(mask_block[:, i], 0)  # = ``q = w.clone(); q[mask] = 0`` without a host sync
             q_block[:, i] = q
@@ -352,9 +392,17 @@ def _prune_columns_torch(
 
 
 def _prune_blocks_triton(
-    w_work: torch.Tensor, hinv: torch.Tensor, mask: torch.Tensor, sparsity: float, n: int, m: int, blocksize: int
+    w_work: torch.Tensor,
+    hinv: torch.Tensor,
+    mask: torch.Tensor,
+    sparsity: float,
+    n: int,
+    m: int,
+    blocksize: int,
+    selection: _Selection,
 ) -> torch.Tensor:
-    """One ``sparsegpt_block_`` kernel per block plus one in-place GEMM; same contract as the torch loop."""
+    """One ``sparsegpt_block_`` kernel per block plus one in-place GEMM; same contract as the torch loop (N:M
+    chosen during the updates by the OBS saliency only)."""
     ops = kernel_ops("triton")
     sparsegpt_block_ = ops.sparsegpt_block_
     n_rows, n_cols = w_work.shape
@@ -364,13 +412,15 @@ def _prune_blocks_triton(
         i2 = min(i1 + blocksize, n_cols)
         w_block = w_work[:, i1:i2]  # a view: the kernel overwrites it with the pruned block Q
         hinv_block = hinv[i1:i2, i1:i2]
-        if structured:
+        if selection.fixed:
+            err, _ = sparsegpt_block_(w_block, hinv_block, mask[:, i1:i2], 0, 0)
+        elif structured:
             err, mask_block = sparsegpt_block_(w_block, hinv_block, None, n, m)
             mask[:, i1:i2] = mask_block
         else:
             # The reference's threshold, sort(saliency.flatten())[int(numel * sparsity)]: a device-wide
             # radix select (torch.kthvalue of one long slice runs in a single thread block on CUDA).
-            saliency = w_block**2 / torch.diagonal(hinv_block).reshape((1, -1)) ** 2
+            saliency = selection.saliency(w_block, torch.diagonal(hinv_block), i1)
             k = int(saliency.numel() * sparsity)
             threshold = ops.kth_smallest(saliency, k)
             mask_block = mask[:, i1:i2]
