@@ -135,6 +135,13 @@ class GreedyDecoder:
         # Passing it keeps the step free of host syncs: without a mask, OPT sizes one from the cache's
         # seen-token count, a device tensor read back with .item(), which a CUDA graph cannot capture.
         self.attention_mask = torch.ones(batch, cache_len, dtype=torch.long, device=device)
+        # Decode steps pass their own additive [1, 1, 1, slots] mask instead: transformers takes a 4-D mask as
+        # given (no mask building per step), and SDPA adds it as is, where it converts a boolean mask to an
+        # additive one in every layer.
+        dtype = model.get_input_embeddings().weight.dtype
+        self.slots = torch.arange(cache_len, device=device)
+        self.mask_open = torch.zeros((), dtype=dtype, device=device)
+        self.mask_closed = torch.full((), float("-inf"), dtype=dtype, device=device)
         self.graph = None
         self.length = 0
         self._write_cache_at_positions()
@@ -149,6 +156,7 @@ class GreedyDecoder:
             if type(layer) is StaticLayer:
                 layer.update = functools.partial(self._write_cache_layer, layer)
         other = {type(layer).__name__ for layer in self.cache.layers if type(layer) is not StaticLayer}
+        self.plain_cache = not other  # every layer keeps all slots (the step's own mask covers them)
         if other and self.use_graph:
             # A sliding-window layer branches on a host-side count (filling, then rolling): one captured step
             # cannot serve every later one.
@@ -170,10 +178,10 @@ class GreedyDecoder:
         write(layer.keys, layer.values, key_states, value_states, positions, layer.cumulative_length)
         return layer.keys, layer.values
 
-    def _run(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+    def _run(self, input_ids: torch.Tensor, cache_position: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.model(
             input_ids=input_ids,
-            attention_mask=self.attention_mask,
+            attention_mask=attention_mask,
             position_ids=cache_position.unsqueeze(0).expand(input_ids.shape[0], -1),
             cache_position=cache_position,
             use_cache=True,
@@ -191,12 +199,15 @@ class GreedyDecoder:
         if input_ids.shape[0] != self.batch or length >= self.max_len:
             raise ValueError(f"prompt must be [{self.batch}, < {self.max_len}], got {tuple(input_ids.shape)}")
         positions = torch.arange(length, device=input_ids.device)
-        self.token.copy_(self._run(input_ids, positions))
+        self.token.copy_(self._run(input_ids, positions, self.attention_mask))
         self.length = length
         return self.token.clone()
 
     def _step(self) -> torch.Tensor:
-        return self._run(self.token, self.position)
+        if not self.plain_cache:  # a sliding window keeps fewer slots: transformers builds the masks
+            return self._run(self.token, self.position, self.attention_mask)
+        mask = torch.where(self.slots <= self.position, self.mask_open, self.mask_closed)  # -inf as SDPA's own
+        return self._run(self.token, self.position, mask.view(1, 1, 1, -1))
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:

@@ -226,3 +226,27 @@ def test_cache_layers_with_other_value_head_size_keep_transformers_update():
     want = theirs.update(keys, values)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     assert int(ours.cumulative_length) == int(theirs.cumulative_length) == 3
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_decode_step_mask_gives_transformers_own_masking(family):
+    """A decode step passes its own additive [1, 1, 1, slots] mask (-inf past the position); the logits equal
+    those of the step under the mask transformers builds from the 2-D one, bit for bit."""
+    model = tiny(family)
+    decoder = GreedyDecoder(model, batch=2, max_len=29, use_graph=False)
+    decoder.prefill(torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(0)))
+    seen = []
+    hook = model.register_forward_hook(lambda _m, _a, out: seen.append(out.logits[:, -1].clone()))
+    position, token = decoder.length, decoder.token.clone()
+    decoder.step()
+    hook.remove()
+    # The same step again (it rewrites the same cache slot with the same values); transformers takes the query's
+    # position from the layers' count of cached tokens, which the step advanced: put it back.
+    decoder.position.fill_(position)
+    for layer in decoder.cache.layers:
+        layer.cumulative_length.fill_(position)
+    with torch.no_grad():
+        want = model(input_ids=token, attention_mask=decoder.attention_mask,
+                     position_ids=decoder.position.expand(2, 1), cache_position=decoder.position, use_cache=True,
+                     **{decoder.cache_kwarg: decoder.cache}).logits[:, -1]  # fmt: skip
+    assert len(seen) == 1 and torch.equal(seen[0], want)
