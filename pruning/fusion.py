@@ -102,9 +102,8 @@ def fuse_small_ops_(model: nn.Module) -> dict[str, int]:
     """In place, for LLaMA-family models: each RMSNorm becomes a :class:`FusedRMSNorm` (sharing its weight),
     each attention applies the rotary embedding with one kernel, and each MLP its ``silu(gate) * up``. Returns
     how many of each the model now runs fused (zeros for models without them, e.g. OPT). Idempotent. Other
-    architectures are refused: the swap
-    finds its targets by name, and a norm or rotary function of the same name can compute something else
-    (Gemma's 1 + weight scale, interleaved or partial rotary embeddings)."""
+    architectures are refused: the swap finds its targets by name, and a norm or rotary function of the same
+    name can compute something else (Gemma's 1 + weight scale, interleaved or partial rotary embeddings)."""
     from pruning.adapters import get_adapter
     from pruning.adapters.llama import LLAMA
 
