@@ -152,6 +152,13 @@ class GreedyDecoder:
         five, at its own device-side counter."""
         from transformers.cache_utils import StaticLayer
 
+        from wanda_kernels._runtime import interpreting
+        from wanda_kernels.kv_cache import write_kv_cache_
+        from wanda_kernels.reference import write_kv_cache_torch
+
+        # Chosen once, not on every layer's call: the device does not change.
+        on_kernels = self.position.is_cuda or interpreting()
+        self._write_kv_cache = write_kv_cache_ if on_kernels else write_kv_cache_torch
         for layer in self.cache.layers:
             if type(layer) is StaticLayer:
                 layer.update = functools.partial(self._write_cache_layer, layer)
@@ -164,18 +171,13 @@ class GreedyDecoder:
             self.use_graph = False
 
     def _write_cache_layer(self, layer, key_states: torch.Tensor, value_states: torch.Tensor, *_args, **_kwargs):
-        from wanda_kernels._runtime import interpreting
-        from wanda_kernels.kv_cache import write_kv_cache_
-        from wanda_kernels.reference import write_kv_cache_torch
-
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
         if layer.keys.shape != layer.values.shape:  # keys and values of other head sizes: transformers' own update
             return type(layer).update(layer, key_states, value_states, *_args, **_kwargs)
         n_new = key_states.shape[2]
         positions = self.position if n_new == 1 else torch.arange(n_new, device=key_states.device)
-        write = write_kv_cache_ if key_states.is_cuda or interpreting() else write_kv_cache_torch
-        write(layer.keys, layer.values, key_states, value_states, positions, layer.cumulative_length)
+        self._write_kv_cache(layer.keys, layer.values, key_states, value_states, positions, layer.cumulative_length)
         return layer.keys, layer.values
 
     def _run(self, input_ids: torch.Tensor, cache_position: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
