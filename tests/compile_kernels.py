@@ -92,7 +92,7 @@ def variants():
         consts = {"SELECT": select, "BLOCK_R": 4, "BLOCK_B": 64}
         yield f"pack_24 select={select}", variant(pack24._pack_24_kernel, ptrs, consts, 4)
     for p, absolute in ((0, True), (3, False)):
-        ptrs = {"x_ptr": "*fp16", "prefix_ptr": "*i64", "hist_ptr": "*i32"}
+        ptrs = {"x_ptr": "*fp16", "prefix_ptr": "*i64", "hist_ptr": "*i64"}
         consts = {"PASS": p, "ABSOLUTE": absolute, "BLOCK": 2048}
         yield f"kth_smallest pass {p}", variant(selection._digit_histogram_kernel, ptrs, consts, 4)
     ptrs = {"values_ptr": "*fp16", "meta_ptr": "*u8", "out_ptr": "*fp16"}

@@ -247,6 +247,20 @@ def test_kv_cache_write_takes_positions_in_any_order(device):
     assert torch.equal(keys, want[0]) and torch.equal(values, want[1]) and int(length) == 18
 
 
+def test_kv_cache_write_strided_positions_and_empty_batch(device):
+    keys, values, new_keys, new_values = _cache_and_states(device, torch.float16, n_new=2)
+    positions = torch.tensor([5, 0, 6, 0], device=device)[::2]  # [5, 6], stride 2
+    length = torch.tensor(0, device=device)
+    want = [t.clone() for t in (keys, values, length)]
+    write_kv_cache_torch(*want[:2], new_keys, new_values, positions, want[2])
+    write_kv_cache_(keys, values, new_keys, new_values, positions, length)
+    assert torch.equal(keys, want[0]) and torch.equal(values, want[1]) and int(length) == 7
+    # No batch rows: nothing to copy, and still the length the reference sets.
+    keys, values, new_keys, new_values = (t[:0] for t in _cache_and_states(device, torch.float16, n_new=4))
+    write_kv_cache_(keys, values, new_keys, new_values, torch.arange(4, device=device), length)
+    assert int(length) == 4
+
+
 def test_kv_cache_write_refuses_bad_arguments(device):
     keys, values, new_keys, new_values = _cache_and_states(device, torch.float16)
     positions, length = torch.arange(5, device=device), torch.tensor(0, device=device)

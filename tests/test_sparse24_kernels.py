@@ -103,6 +103,17 @@ def test_sparse24_linear_batched_leading_dims_and_errors(device):
         sparse24_linear(x.half(), values, meta)
     with pytest.raises(ValueError, match="meta must be"):
         sparse24_linear(x, values, meta[:, :2])
+    # C = 4: two kept values per row, half a meta byte; the kernel would read the next row's byte.
+    with pytest.raises(ValueError, match="multiple of 8"):
+        sparse24_linear(x[..., :4], values[:, :2], meta[:, :0])
+
+
+def test_sparse24_linear_strided_bias(device):
+    w = pruned_24((16, 32), torch.float32, device)
+    values, meta = pack_24(w)
+    x = torch.randn(3, 32, device=device)
+    bias = torch.arange(32.0, device=device)[::2]  # stride 2: a kernel reading it as contiguous adds 0..15
+    torch.testing.assert_close(sparse24_linear(x, values, meta, bias), torch.nn.functional.linear(x, w, bias))
 
 
 def _every_gpu_config():

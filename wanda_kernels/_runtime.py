@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -20,6 +23,28 @@ def tuning_configs(gpu_configs: list, fixed):
     if interpreting() or os.environ.get("WANDA_KERNELS_AUTOTUNE") == "0":
         return [fixed]
     return gpu_configs
+
+
+Launcher = TypeVar("Launcher", bound=Callable)
+
+
+def on_input_device(launcher: Launcher) -> Launcher:
+    """Run ``launcher`` with its first tensor argument's CUDA device made current.
+
+    Triton launches on the *current* device and its current stream. With a model spread over several GPUs
+    (``--device_map auto``), a kernel given tensors on cuda:1 while cuda:0 is current would run on cuda:0: an
+    illegal access without peer access, or, with it, a race against cuda:1's stream, which reads the
+    kernel's output. torch's own ops switch devices themselves; every public launcher here goes through this."""
+
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        first = next((a for a in itertools.chain(args, kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is None or first.device.type != "cuda":
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(first.device):
+            return launcher(*args, **kwargs)
+
+    return launch  # type: ignore[return-value]
 
 
 def check_kernel_device(*tensors: torch.Tensor) -> None:

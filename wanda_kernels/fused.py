@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from wanda_kernels._runtime import check_kernel_device
+from wanda_kernels._runtime import check_kernel_device, on_input_device
 from wanda_kernels._validate import check_act_sq_norms, check_matrix, check_nm, check_sparsity
 from wanda_kernels.nm import launch_nm_select
 from wanda_kernels.unstructured import launch_row_select
 
 
+@on_input_device
 def wanda_prune_(
     weight: torch.Tensor, act_sq_norms: torch.Tensor, sparsity: float = 0.5, n: int = 0, m: int = 0
 ) -> torch.Tensor:

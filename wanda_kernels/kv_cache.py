@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wanda_kernels._runtime import check_kernel_device, interpreting
+from wanda_kernels._runtime import check_kernel_device, interpreting, on_input_device
 
 
 @triton.jit
@@ -74,6 +74,7 @@ def _check(keys, values, new_keys, new_values, positions, length) -> None:
         raise ValueError(f"length must be a one-element int64 tensor, got {length!r}")
 
 
+@on_input_device
 def write_kv_cache_(
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -90,6 +91,10 @@ def write_kv_cache_(
     n_new = new_keys.shape[2]
     if n_new == 0:
         return
+    if batch * heads == 0:  # no program would run to set the length
+        length.copy_(positions[-1] + 1)
+        return
+    positions = positions.contiguous()  # the kernel reads positions[t] at offset t
     if new_keys.stride(3) != 1 or new_values.stride(3) != 1:
         new_keys, new_values = new_keys.contiguous(), new_values.contiguous()
     block_d = triton.next_power_of_2(head_dim)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wanda_kernels._runtime import check_kernel_device, interpreting
+from wanda_kernels._runtime import check_kernel_device, interpreting, on_input_device
 from wanda_kernels._validate import check_matrix, check_nm, check_sparsity
 from wanda_kernels.nm import launch_nm_select
 from wanda_kernels.select import kth_smallest
@@ -44,6 +44,7 @@ def _threshold_mask_kernel(
     tl.store(mask_ptr + rows * n_cols + cols, prune.to(tl.uint8), mask=valid)
 
 
+@on_input_device
 def magnitude_mask(weight: torch.Tensor, sparsity: float, n: int = 0, m: int = 0) -> torch.Tensor:
     """Bool [O, C], True = prune. ``n``/``m`` > 0 selects N:M on |W|; else a per-matrix threshold."""
     check_matrix(weight, "weight")

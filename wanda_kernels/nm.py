@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from wanda_kernels._keys import load_scores, ordered_keys
-from wanda_kernels._runtime import check_kernel_device, interpreting, tuning_configs
+from wanda_kernels._runtime import check_kernel_device, interpreting, on_input_device, tuning_configs
 from wanda_kernels._validate import check_matrix, check_nm
 
 
@@ -102,6 +102,7 @@ def launch_nm_select(
     return mask
 
 
+@on_input_device
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Bool [O, C], True = prune: the ``n`` smallest scores of every ``m`` consecutive columns."""
     check_matrix(scores, "scores")

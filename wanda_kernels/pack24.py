@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from wanda_kernels._keys import load_scores, ordered_keys
-from wanda_kernels._runtime import check_kernel_device, interpreting
+from wanda_kernels._runtime import check_kernel_device, interpreting, on_input_device
 from wanda_kernels._validate import check_act_sq_norms, check_matrix
 
 
@@ -138,6 +138,7 @@ def _launch_pack(weight: torch.Tensor, act_norms: torch.Tensor | None) -> tuple[
     return values, meta, bad
 
 
+@on_input_device
 def pack_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(values [O, C/2], meta uint8 [O, C/8]) of a 2:4-sparse weight; ValueError if it is not 2:4."""
     _check_packable(weight, "weight")
@@ -148,6 +149,7 @@ def pack_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, meta
 
 
+@on_input_device
 def wanda_prune_pack_24(weight: torch.Tensor, act_sq_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused Wanda 2:4 selection + packing of a dense weight: ``pack_24(W * ~wanda 2:4 mask)`` in one pass."""
     _check_packable(weight, "weight")
@@ -156,6 +158,7 @@ def wanda_prune_pack_24(weight: torch.Tensor, act_sq_norms: torch.Tensor) -> tup
     return values, meta
 
 
+@on_input_device
 def unpack_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """Dense [O, C] weight with exact zeros from the packed (values, meta)."""
     check_matrix(values, "values")

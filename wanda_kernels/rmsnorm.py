@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wanda_kernels._runtime import check_kernel_device, interpreting
+from wanda_kernels._runtime import check_kernel_device, interpreting, on_input_device
 from wanda_kernels._validate import FLOAT_DTYPES
 
 
@@ -55,6 +55,7 @@ def _add_rms_norm_kernel(
     tl.store(y_ptr + row * n_cols + cols, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
+@on_input_device
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * (x * rsqrt(mean(x^2, -1) + eps)).to(x.dtype)``, the mean in fp32; y contiguous."""
     if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.dtype not in FLOAT_DTYPES:
@@ -79,6 +80,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
+@on_input_device
 def add_rms_norm(
     residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

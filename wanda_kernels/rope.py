@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wanda_kernels._runtime import check_kernel_device, interpreting
+from wanda_kernels._runtime import check_kernel_device, interpreting, on_input_device
 from wanda_kernels._validate import FLOAT_DTYPES
 
 
@@ -82,6 +82,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         raise ValueError(f"q, k, cos and sin must share one float dtype, got {', '.join(map(str, dtypes))}")
 
 
+@on_input_device
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin)``, cos/sin broadcast over heads."""
     _check(q, k, cos, sin)

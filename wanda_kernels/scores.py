@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from wanda_kernels._keys import load_scores
-from wanda_kernels._runtime import check_kernel_device, interpreting
+from wanda_kernels._runtime import check_kernel_device, interpreting, on_input_device
 from wanda_kernels._validate import check_act_sq_norms, check_matrix
 
 
@@ -28,6 +28,7 @@ def _wanda_scores_kernel(
     tl.store(out_ptr + rows * n_cols + cols, scores, mask=valid)
 
 
+@on_input_device
 def wanda_scores(weight: torch.Tensor, act_sq_norms: torch.Tensor) -> torch.Tensor:
     """fp32 [O, C] = ``|W| * sqrt(act_sq_norms)[None, :]``."""
     check_matrix(weight, "weight")

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from wanda_kernels._keys import load_scores, ordered_keys
-from wanda_kernels._runtime import check_kernel_device, interpreting
+from wanda_kernels._runtime import check_kernel_device, interpreting, on_input_device
 from wanda_kernels._validate import FLOAT_DTYPES
 
 RADIX_BITS = 8
@@ -41,9 +41,11 @@ def _digit_histogram_kernel(
     # Elements outside the candidate set go to bin 256+ (the upper half, never stored): no masked histogram.
     counts = tl.histogram(tl.where(valid, digit, 256), 512)
     bins = tl.arange(0, 512)
-    tl.atomic_add(hist_ptr + bins, counts, mask=bins < 256)
+    # int64 totals: past 2^31 elements one bin's count would wrap in int32.
+    tl.atomic_add(hist_ptr + bins, counts.to(tl.int64), mask=bins < 256)
 
 
+@on_input_device
 def kth_smallest(x: torch.Tensor, k: int, absolute: bool = False) -> torch.Tensor:
     """fp32 0-d tensor: the value at index ``k`` of ``sort(x.flatten())`` (of ``|x|`` when ``absolute``)."""
     if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
@@ -54,7 +56,7 @@ def kth_smallest(x: torch.Tensor, k: int, absolute: bool = False) -> torch.Tenso
     check_kernel_device(x)
     flat = x.reshape(-1)  # a view for contiguous x; a copy in x's dtype otherwise
     device = x.device
-    hist = torch.empty(N_BINS, dtype=torch.int32, device=device)
+    hist = torch.empty(N_BINS, dtype=torch.int64, device=device)
     prefix = torch.zeros((), dtype=torch.int64, device=device)
     rank = torch.full((), k, dtype=torch.int64, device=device)  # rank of the target among the candidates
     block = 4096 if interpreting() else 2048
@@ -62,7 +64,7 @@ def kth_smallest(x: torch.Tensor, k: int, absolute: bool = False) -> torch.Tenso
     for p in range(32 // RADIX_BITS):
         hist.zero_()
         _digit_histogram_kernel[grid](flat, prefix, hist, numel, PASS=p, ABSOLUTE=absolute, BLOCK=block)
-        cumulative = hist.to(torch.int64).cumsum(0)
+        cumulative = hist.cumsum(0)
         digit = torch.searchsorted(cumulative, rank.reshape(1), right=True).reshape(())  # first bin past rank
         below = torch.where(digit > 0, cumulative.gather(0, (digit - 1).clamp_min(0).reshape(1)).reshape(()), 0)
         rank = rank - below

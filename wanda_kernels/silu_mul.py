@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wanda_kernels._runtime import check_kernel_device, interpreting
+from wanda_kernels._runtime import check_kernel_device, interpreting, on_input_device
 from wanda_kernels._validate import FLOAT_DTYPES
 
 
@@ -36,6 +36,7 @@ def _silu_mul_kernel(
     tl.store(out_ptr + row * stride_out_row + cols, out, mask=ok)
 
 
+@on_input_device
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``F.silu(gate) * up`` in one kernel."""
     if not isinstance(gate, torch.Tensor) or not isinstance(up, torch.Tensor) or gate.shape != up.shape:

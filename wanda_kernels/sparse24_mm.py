@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wanda_kernels._runtime import check_kernel_device, interpreting, tuning_configs
+from wanda_kernels._runtime import check_kernel_device, interpreting, on_input_device, tuning_configs
 from wanda_kernels._validate import FLOAT_DTYPES
 
 PATH_GATHER, PATH_DOT, PATH_GATHER_REDUCE, PATH_SELECT = 0, 1, 2, 3  # how a program multiplies (module docstring)
@@ -224,6 +224,7 @@ def last_tuned_config() -> str | None:
     return None if config is None else str(config)
 
 
+@on_input_device
 def sparse24_linear(
     x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -232,6 +233,8 @@ def sparse24_linear(
         raise ValueError(f"values must be a 2-D float tensor [O, C/2], got {tuple(values.shape)} {values.dtype}")
     n_out, n_kept = values.shape
     n_cols = 2 * n_kept
+    if n_kept == 0 or n_kept % 4:  # one meta byte holds the indices of 4 kept values (2 groups of 4 columns)
+        raise ValueError(f"values must be [O, C/2] with C a positive multiple of 8, got {tuple(values.shape)}")
     if meta.dtype != torch.uint8 or meta.shape != (n_out, n_cols // 8):
         raise ValueError(f"meta must be uint8 [{n_out}, {n_cols // 8}], got {meta.dtype} {tuple(meta.shape)}")
     if x.shape[-1] != n_cols or x.dtype != values.dtype:
@@ -252,7 +255,7 @@ def sparse24_linear(
         return triton.cdiv(n_tokens, block_m), triton.cdiv(n_out, meta["BLOCK_O"])
 
     _sparse24_linear_tuned[grid](
-        x2d, values.contiguous(), meta.contiguous(), bias if bias is not None else values, y,
+        x2d, values.contiguous(), meta.contiguous(), values if bias is None else bias.contiguous(), y,
         n_tokens, n_out, n_cols, n_kept, n_cols // 8, x2d.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m,
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], n_out)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from wanda_kernels._keys import ordered_keys
-from wanda_kernels._runtime import check_kernel_device, interpreting
+from wanda_kernels._runtime import check_kernel_device, interpreting, on_input_device
 from wanda_kernels._validate import check_sparsegpt_block
 
 MAX_BLOCK_COLS = 512  # widest block (padded to a power of two) whose row tile is held in registers
@@ -112,6 +112,7 @@ def _sparsegpt_block_kernel(
         tl.store(mask_ptr + m_offs, prune.to(tl.uint8), mask=tile_ok)
 
 
+@on_input_device
 def sparsegpt_block_(
     w_block: torch.Tensor, hinv_block: torch.Tensor, mask: torch.Tensor | None = None, n: int = 0, m: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:

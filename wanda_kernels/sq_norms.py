@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wanda_kernels._runtime import check_kernel_device, interpreting, target_programs
+from wanda_kernels._runtime import check_kernel_device, interpreting, on_input_device, target_programs
 from wanda_kernels._validate import FLOAT_DTYPES
 
 
@@ -45,6 +45,7 @@ def _sq_norms_partial_kernel(
     tl.store(partial_ptr + split.to(tl.int64) * n_cols + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
+@on_input_device
 def accumulate_sq_norms_(acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``acc += (x ** 2).sum(leading dims)`` accumulated in fp32, in place. Returns ``acc``."""
     if not isinstance(acc, torch.Tensor) or acc.ndim != 1 or acc.dtype != torch.float32:

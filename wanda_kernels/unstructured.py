@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from wanda_kernels._keys import KEY_MAX, KEY_MIN, load_scores, ordered_keys
-from wanda_kernels._runtime import check_kernel_device, interpreting, tuning_configs
+from wanda_kernels._runtime import check_kernel_device, interpreting, on_input_device, tuning_configs
 from wanda_kernels._validate import check_matrix, check_sparsity
 
 MAX_REGISTER_ROW = 32768  # longest row (padded to a power of two) held in registers
@@ -173,6 +173,7 @@ def launch_row_select(
     return mask
 
 
+@on_input_device
 def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Bool [O, C], True = prune: per row, the ``int(C * sparsity)`` smallest scores (ties: lower column)."""
     check_matrix(scores, "scores")
