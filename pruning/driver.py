@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pruning.adapters import DecoderAdapter, get_adapter
+from pruning.adapters import DecoderAdapter, UnsupportedModelError, get_adapter
 from pruning.config import PruneConfig
 from pruning.layerwise import (
     LayerInputs,
@@ -136,6 +136,7 @@ class _GroupStatistics:
         self.ops = kernel_ops(backend)
         self.ablate_scaler = None
         self.samples_in_batch = 0  # set per batch: a Linear may see its input flattened to [samples * T, C] (OPT)
+        self.inputs_seen = 0  # batches
         if method == "wanda":
             self.act_sq_norms = torch.zeros(n_features, dtype=torch.float32, device=device)
         else:  # SparseGPT and Wanda's ablations of it
@@ -145,6 +146,7 @@ class _GroupStatistics:
                 self.ablate_scaler = torch.zeros(n_features, dtype=torch.float32, device=device)
 
     def add(self, x: torch.Tensor) -> None:
+        self.inputs_seen += 1
         if self.method == "wanda":
             self.ops.accumulate_sq_norms_(self.act_sq_norms, x)
             return
@@ -178,12 +180,6 @@ def _prune_linear(
                           config.blocksize, backend=sparsegpt_backend)  # fmt: skip
 
 
-def _collect(stats: _GroupStatistics, _module: nn.Module, args: tuple, stop: bool) -> None:
-    stats.add(args[0])
-    if stop:
-        raise StopForward
-
-
 def _collect_statistics(
     layer: nn.Module, groups: list[list[str]], inputs: LayerInputs, config: PruneConfig, backend: str,
     device: torch.device,
@@ -191,26 +187,38 @@ def _collect_statistics(
     """One pass of the layer over every batch, with a hook on each group's first Linear; starts from zeros,
     so a pass cut short (out of memory) is simply run again."""
     modules = dict(layer.named_modules())
-    stats = {}
-    handles = []
-    for position, group in enumerate(groups):
-        first = modules[group[0]]
-        stats[group[0]] = group_stats = _GroupStatistics(config.method, first.in_features, device, backend)
-        # Groups are in execution order: once the last one has its input, the rest of the layer (that
-        # group's own GEMMs, e.g. fc2 / down_proj, a third of a layer's FLOPs) only feeds nothing.
-        is_last = position == len(groups) - 1
-        handles.append(first.register_forward_pre_hook(functools.partial(_collect, group_stats, stop=is_last)))
+    stats = {
+        group[0]: _GroupStatistics(config.method, modules[group[0]].in_features, device, backend) for group in groups
+    }
+    seen_in_batch: set[str] = set()
 
-    def note_batch_size(_layer, args) -> None:
+    def collect(name: str, _module: nn.Module, args: tuple) -> None:
+        stats[name].add(args[0])
+        seen_in_batch.add(name)
+        # Once every group has its input, the rest of the layer (the last group's own GEMMs, e.g. fc2 /
+        # down_proj, a third of a layer's FLOPs) only feeds nothing. Counted, not "at the last group": a Linear
+        # the adapter does not list runs wherever the model calls it.
+        if len(seen_in_batch) == len(stats):
+            raise StopForward
+
+    def start_batch(_layer, args) -> None:
+        seen_in_batch.clear()
         for group_stats in stats.values():
             group_stats.samples_in_batch = args[0].shape[0]
 
-    handles.append(layer.register_forward_pre_hook(note_batch_size))
+    handles = [modules[name].register_forward_pre_hook(functools.partial(collect, name)) for name in stats]
+    handles.append(layer.register_forward_pre_hook(start_batch))
     try:
         feed_layer(layer, inputs, device)
     finally:
         for h in handles:
             h.remove()
+    unseen = sorted(name for name, group_stats in stats.items() if group_stats.inputs_seen == 0)
+    if unseen:  # pruning on empty statistics would zero these weights (SparseGPT) or rank them at random (Wanda)
+        raise UnsupportedModelError(
+            f"{', '.join(unseen)} received no input when the decoder layer ran on the calibration data, so it "
+            "cannot be pruned from activations; this layer's forward skips it (use --prune_method magnitude)"
+        )
     return stats
 
 

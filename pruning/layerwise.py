@@ -16,7 +16,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from pruning.adapters import DecoderAdapter
+from pruning.adapters import DecoderAdapter, check_one_mask_for_every_layer
 from pruning.oom import retry_with_half_batch
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,7 @@ def capture_layer_inputs(
 ) -> LayerInputs:
     """Run the model up to decoder layer 0 on each batch of ``input_ids`` and keep what layer 0 receives.
     A GPU out-of-memory error restarts the capture with half the batch size (down to 1)."""
+    check_one_mask_for_every_layer(model.config)  # layer 0's mask is handed to every layer
     return retry_with_half_batch(
         lambda size: _capture(model, adapter, input_ids, size, store), batch_size, "capturing layer-0 inputs"
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pruning.adapters import get_adapter
+from pruning.adapters import check_one_mask_for_every_layer, get_adapter
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ def load_config(name: str, cache_dir: str | None = None):
     except (OSError, ValueError) as err:
         raise _not_found(name, cache_dir, err, "local_files_only" in kwargs) from None
     get_adapter(config.model_type)  # raises UnsupportedModelError listing what is supported
+    check_one_mask_for_every_layer(config)
     return config
 
 

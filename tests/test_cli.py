@@ -165,6 +165,16 @@ def test_unsupported_architecture_lists_supported_types(gpt2_dir, capsys):
         assert model_type in line
 
 
+def test_layers_with_different_attention_masks_fail_before_loading(tmp_path, capsys):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(
+        "qwen2", vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        use_sliding_window=True, sliding_window=8, max_window_layers=1,
+    ).save_pretrained(tmp_path)  # fmt: skip
+    assert_one_line_error(capsys, run_main(prune_argv(tmp_path)), "mixes attention types", "use_sliding_window")
+
+
 def test_unwritable_save_dir(tiny_opt, tmp_path, capsys):
     a_file = tmp_path / "a-file"
     a_file.write_text("keep me")

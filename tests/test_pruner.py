@@ -400,3 +400,49 @@ def test_statistics_pass_stops_after_the_last_group_input():
     pruning.prune_model(model, calibration_ids(nsamples=6), "wanda", 0.5, calib_batch_size=2)
     assert calls.count(0) == 6  # fc1: 3 batches in the statistics pass + 3 in the output pass
     assert calls.count(1) == 3  # fc2: the output pass only
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_linear_the_adapter_does_not_list_is_still_calibrated(method, monkeypatch):
+    """An unlisted Linear becomes a group of its own, placed last, though the layer runs it earlier (here: o_proj
+    before the MLP): the statistics pass must not end at its input, or the MLP groups would see nothing."""
+    import dataclasses
+
+    import pruning.driver
+
+    ids = calibration_ids()
+    listed, unlisted = tiny_llama(), tiny_llama()
+    pruning.prune_model(listed, ids, method, 0.5, calib_batch_size=3)
+    adapter = get_adapter(unlisted)
+    groups = tuple(tuple(n for n in g if n != "self_attn.o_proj") for g in adapter.linear_groups)
+    monkeypatch.setattr(pruning.driver, "get_adapter", lambda _m: dataclasses.replace(adapter, linear_groups=groups))
+    assert pruning.driver.get_adapter(unlisted).groups_for(unlisted.model.layers[0])[-1] == ["self_attn.o_proj"]
+    pruning.prune_model(unlisted, ids, method, 0.5, calib_batch_size=3)
+    for name, lin in linears(unlisted).items():
+        torch.testing.assert_close(lin.weight, linears(listed)[name].weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_linear_the_layer_never_runs_is_refused(monkeypatch):
+    model = tiny_llama()
+    for layer in model.model.layers:
+        layer.mlp.spare = nn.Linear(64, 64)  # listed by no adapter and called by no forward
+    with pytest.raises(UnsupportedModelError, match="mlp.spare received no input"):
+        pruning.prune_model(model, calibration_ids(), "wanda", 0.5)
+
+
+def test_layers_with_different_attention_masks_are_refused():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "qwen2", vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=True, sliding_window=8,
+        max_window_layers=1,
+    )  # fmt: skip
+    assert len(set(config.layer_types)) == 2  # one full-attention layer, one sliding-window layer
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(UnsupportedModelError, match="mixes attention types"):
+        pruning.prune_model(model, calibration_ids(), "wanda", 0.5)
+    eval_ids = torch.randint(0, 96, (1, 64), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(UnsupportedModelError, match="mixes attention types"):
+        layerwise_perplexity(model, get_adapter(model), eval_ids, seqlen=32, batch_size=1)

@@ -33,4 +33,26 @@ def get_adapter(model_or_type: nn.Module | str) -> DecoderAdapter:
     )
 
 
-__all__ = ["ADAPTERS", "DecoderAdapter", "UnsupportedModelError", "get_adapter", "supported_model_types"]
+def check_one_mask_for_every_layer(config) -> None:
+    """Refuse a config whose layers attend differently (some full, some through a sliding window).
+
+    Layer-by-layer passes (pruning, perplexity with ``--offload``) capture what decoder layer 0 receives and hand
+    its attention mask to every layer; transformers builds one mask per layer type instead."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and len(set(layer_types)) > 1:
+        counts = ", ".join(f"{layer_types.count(kind)} {kind}" for kind in sorted(set(layer_types)))
+        raise UnsupportedModelError(
+            f"this {config.model_type} config mixes attention types across its layers ({counts}); the pruner runs "
+            "every layer with layer 0's attention mask, so it supports only models whose layers share one "
+            "(for Qwen2/Qwen3: use_sliding_window false, as in the released checkpoints)"
+        )
+
+
+__all__ = [
+    "ADAPTERS",
+    "DecoderAdapter",
+    "UnsupportedModelError",
+    "check_one_mask_for_every_layer",
+    "get_adapter",
+    "supported_model_types",
+]
