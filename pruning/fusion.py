@@ -81,21 +81,17 @@ def fused_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, *, fallback):
     return rotary(q, k, cos, sin)
 
 
-def _with_fused_rotary(forward, modeling):
-    """``forward`` with the modeling module's ``apply_rotary_pos_emb`` (a module global its attention calls)
-    pointing at the fused kernel for the duration of the call: only this model's attention is affected."""
-
-    @functools.wraps(forward)
-    def fused_forward(*args, **kwargs):
-        original = modeling.apply_rotary_pos_emb
-        modeling.apply_rotary_pos_emb = functools.partial(fused_apply_rotary_pos_emb, fallback=original)
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            modeling.apply_rotary_pos_emb = original
-
-    fused_forward.fused_rotary = True
-    return fused_forward
+def _fused_rotary_forward(forward, modeling_name: str, *args, **kwargs):
+    """``forward`` with its modeling module's ``apply_rotary_pos_emb`` (a module global the attention calls)
+    pointing at the fused kernel for the duration of the call: only this model's attention is affected. Bound
+    with functools.partial, so that a deep copy of the model calls the copy's own forward."""
+    modeling = sys.modules[modeling_name]
+    original = modeling.apply_rotary_pos_emb
+    modeling.apply_rotary_pos_emb = functools.partial(fused_apply_rotary_pos_emb, fallback=original)
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        modeling.apply_rotary_pos_emb = original
 
 
 def fuse_small_ops_(model: nn.Module) -> dict[str, int]:
@@ -121,8 +117,9 @@ def fuse_small_ops_(model: nn.Module) -> dict[str, int]:
         modeling = sys.modules.get(type(module).__module__)
         is_attention = hasattr(module, "q_proj") and hasattr(module, "k_proj")
         if is_attention and hasattr(modeling, "apply_rotary_pos_emb"):
-            if not getattr(module.forward, "fused_rotary", False):
-                module.forward = _with_fused_rotary(module.forward, modeling)
+            forward = module.forward
+            if not (isinstance(forward, functools.partial) and forward.func is _fused_rotary_forward):
+                module.forward = functools.partial(_fused_rotary_forward, forward, modeling.__name__)
             counts["rotary"] += 1
         if _is_silu_gated_mlp(module):
             if not isinstance(module.forward, functools.partial):
@@ -262,3 +259,12 @@ def fuse_projections_(model: nn.Module) -> int:
 
 def has_fused_projections(model: nn.Module) -> bool:
     return any(isinstance(m, ProjectionSlice) for m in model.modules())
+
+
+def check_not_fused(model: nn.Module) -> None:
+    """Refuse to save a model whose projections share fused weights (safetensors cannot hold the views)."""
+    if has_fused_projections(model):
+        raise ValueError(
+            "this model's projections are fused for inference (pruning.fusion.fuse_projections_); "
+            "save it before fusing, or reload it"
+        )

@@ -91,13 +91,9 @@ def save_model_atomically(model, tokenizer, target: Path, overwrite: bool, save_
     """Write into a temporary sibling directory, then rename: a crash never leaves a half-written model,
     and an existing directory is only replaced (with --overwrite) once the new one is complete.
     ``save_format="sparse24"`` stores the decoder Linears 2:4-compressed (``pruning.sparse24``)."""
-    from pruning.fusion import has_fused_projections
+    from pruning.fusion import check_not_fused
 
-    if has_fused_projections(model):
-        raise ValueError(
-            "this model's projections are fused for inference (pruning.fusion.fuse_projections_); "
-            "save it before fusing, or reload it"
-        )
+    check_not_fused(model)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the saved model gets a plain mkdir's permissions
     try:

@@ -63,8 +63,19 @@ def _register_causal_sdpa() -> None:
     AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
 
 
+def _sliding_window_shorter_than(config, seqlen: int) -> int | None:
+    """The attention window, when some layer attends through one shorter than ``seqlen`` tokens."""
+    window = getattr(config, "sliding_window", None)
+    if not window or window >= seqlen:
+        return None
+    layer_types = getattr(config, "layer_types", None)  # Qwen2/3: per layer; Mistral: every layer
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return window
+
+
 @contextlib.contextmanager
-def _maskless_causal_sdpa(model: nn.Module):
+def _maskless_causal_sdpa(model: nn.Module, seqlen: int):
     """Within this block an SDPA model runs its attention as ``is_causal=True`` with no mask tensor, so SDPA may
     pick its flash kernel, inside a CUDA graph too.
 
@@ -72,9 +83,10 @@ def _maskless_causal_sdpa(model: nn.Module):
     SDPA integration then sets ``is_causal`` for queries longer than one token. Under plain ``"sdpa"`` it skips
     the mask only after checking the mask's values on the host (a sync), and during stream capture it cannot
     check, so it materializes a [B, 1, T, T] mask: the graphed prefill would run the slower masked kernel.
-    Right only for what PrefillRunner feeds: no cache, no padding, every sequence starting at position 0."""
+    Right only for what PrefillRunner feeds: no cache, no padding, every sequence starting at position 0, and no
+    sliding window shorter than the sequence (plain causal attention would see past it)."""
     config = model.config
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+    if getattr(config, "_attn_implementation", None) != "sdpa" or _sliding_window_shorter_than(config, seqlen):
         yield
         return
     _register_causal_sdpa()
@@ -95,13 +107,16 @@ class PrefillRunner:
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
         self.input_ids = torch.zeros(batch, seqlen, dtype=torch.long, device=device)
         self.graph = None
+        window = _sliding_window_shorter_than(model.config, seqlen)
+        if window:
+            log.warning("prefill with a %d-token sliding window: attention runs with a materialized mask", window)
         if self.use_graph:
             self.graph, self.logits = _try_capture(self._forward, "prefill")
             self.use_graph = self.graph is not None
 
     @torch.no_grad()
     def _forward(self) -> torch.Tensor:
-        with _maskless_causal_sdpa(self.model):
+        with _maskless_causal_sdpa(self.model, self.input_ids.shape[1]):
             return self.model(input_ids=self.input_ids, use_cache=False, logits_to_keep=1).logits[:, -1]
 
     @torch.no_grad()
@@ -195,13 +210,18 @@ class GreedyDecoder:
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Fill the cache with the prompt [batch, T]; returns the first generated token [batch, 1]."""
+        if input_ids.ndim != 2 or input_ids.shape[0] != self.batch or not 0 < input_ids.shape[1] < self.max_len:
+            raise ValueError(
+                f"prompt must be [{self.batch}, T] with 0 < T < {self.max_len}, got {tuple(input_ids.shape)}"
+            )
         self.cache.reset()
         self.position.fill_(0)  # where a one-token prompt is written (see _write_cache_layer)
         length = input_ids.shape[1]
-        if input_ids.shape[0] != self.batch or length >= self.max_len:
-            raise ValueError(f"prompt must be [{self.batch}, < {self.max_len}], got {tuple(input_ids.shape)}")
         positions = torch.arange(length, device=input_ids.device)
-        self.token.copy_(self._run(input_ids, positions, self.attention_mask))
+        # A [B, T] mask, as generate() passes: transformers then runs SDPA causal without a mask tensor, which
+        # rounds differently in bf16 from the masked kernel a cache-sized mask would select. Eager: no graph.
+        prompt_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
+        self.token.copy_(self._run(input_ids, positions, prompt_mask))
         self.length = length
         return self.token.clone()
 
@@ -214,6 +234,8 @@ class GreedyDecoder:
     @torch.no_grad()
     def step(self) -> torch.Tensor:
         """Feed the last token, return the next one [batch, 1]."""
+        if self.length == 0:
+            raise ValueError("no prompt: call prefill (or generate) first")
         if self.length >= self.max_len:
             raise ValueError(f"static cache of {self.max_len} positions is full")
         self.position.fill_(self.length)
@@ -236,6 +258,8 @@ class GreedyDecoder:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy continuation [batch, max_new_tokens] of the prompt."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         tokens = [self.prefill(input_ids)]
         for _ in range(max_new_tokens - 1):
             tokens.append(self.step())

@@ -65,8 +65,8 @@ class Sparse24Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, name: str = "linear") -> Sparse24Linear:
         """Pack a 2:4-pruned Linear; ValueError naming ``name`` if its weight is not 2:4."""
         weight = linear.weight.data
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype, weight.device)
         try:
+            module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype, weight.device)
             values, meta = _pack(weight)
         except ValueError as err:
             raise ValueError(f"cannot store {name} as 2:4: {err}") from None
@@ -98,11 +98,19 @@ class Sparse24Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, 2:4"
 
-    def _apply(self, fn, recurse=True):
-        # A device or dtype move invalidates every derived form of the weight.
+    def invalidate_caches(self) -> None:
+        """Drop every derived form of the weight (dense, cuSPARSELt, CUTLASS) and the backend choices; call it
+        after editing ``values`` or ``meta`` in place. Moves and ``load_state_dict`` call it themselves."""
         self._dense_cache = self._cslt_weight = self._cutlass_weight = None
         self._cslt_alg, self._backends = {}, {}
+
+    def _apply(self, fn, recurse=True):
+        self.invalidate_caches()  # a device or dtype move
         return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.invalidate_caches()
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cuda":
@@ -236,19 +244,21 @@ def check_packable(model: nn.Module) -> None:
 
 
 def _pack_decoder_linears(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear, Sparse24Linear]]:
-    """(full name, parent module, attribute, Linear, its packed form) for every decoder-layer Linear. Raises a
-    ValueError naming the first Linear that is not 2:4, before the model is touched."""
+    """(full name, parent module, attribute, Linear, its packed form) for every decoder-layer Linear (a
+    Sparse24Linear, as in a model from :func:`load_sparse`, is its own packed form). Raises a ValueError naming
+    the first Linear that is not 2:4, before the model is touched."""
     from pruning.adapters import get_adapter
 
     adapter = get_adapter(model)
     packed = []
     for i, layer in enumerate(adapter.layers(model)):
         for name, module in layer.named_modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, (nn.Linear, Sparse24Linear)):
                 full = f"{adapter.layers_path}.{i}.{name}"
                 parent_name, _, attribute = name.rpartition(".")
                 parent = layer.get_submodule(parent_name) if parent_name else layer
-                packed.append((full, parent, attribute, module, Sparse24Linear.from_linear(module, full)))
+                sparse = module if isinstance(module, Sparse24Linear) else Sparse24Linear.from_linear(module, full)
+                packed.append((full, parent, attribute, module, sparse))
     return packed
 
 
@@ -283,6 +293,9 @@ def save_sparse(model: nn.Module, tokenizer, directory: Path, max_shard_size: in
     """``save_pretrained`` the model (safetensors) into ``directory`` (which the caller stages and renames
     atomically) with its decoder Linears 2:4-compressed. The model itself is left as it was: the packed
     modules stand in for the Linears only while it is written. ``max_shard_size``: as in ``save_pretrained``."""
+    from pruning.fusion import check_not_fused
+
+    check_not_fused(model)
     packed = _pack_decoder_linears(model)
     had_spec, previous_spec = hasattr(model.config, "sparsity_config"), getattr(model.config, "sparsity_config", None)
     try:

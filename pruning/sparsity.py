@@ -10,12 +10,19 @@ log = logging.getLogger(__name__)
 
 
 def linear_zero_counts(layer: nn.Module) -> tuple[int, int]:
-    """(exact zeros, entries) over the Linear weights of ``layer``."""
+    """(exact zeros, entries) over the Linear weights of ``layer``, 2:4-compressed ones included."""
+    from pruning.sparse24 import Sparse24Linear
+
     zeros = total = 0
     for m in layer.modules():
         if isinstance(m, nn.Linear):
-            zeros += int((m.weight.data == 0).sum())
-            total += m.weight.numel()
+            weight = m.weight.data
+        elif isinstance(m, Sparse24Linear):
+            weight = m.to_dense()
+        else:
+            continue
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
     return zeros, total
 
 

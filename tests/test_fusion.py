@@ -4,6 +4,8 @@ glue that swaps them into LLaMA-family layers without changing the outputs."""
 from __future__ import annotations
 
 import collections
+import copy
+import functools
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 
 from pruning.fusion import FusedRMSNorm, fuse_small_ops_
 from pruning.runner import GreedyDecoder, PrefillRunner
+from pruning.sparse24 import save_sparse
 from wanda_kernels.kv_cache import write_kv_cache_
 from wanda_kernels.reference import (
     add_rms_norm_torch,
@@ -308,7 +311,11 @@ def test_fused_llama_gives_the_same_outputs(device):
     counts = {"rms_norm": 5, "rotary": 2, "silu_mul": 2, "add_rms_norm": 2}
     assert fuse_small_ops_(fused) == counts
     assert fuse_small_ops_(fused) == counts  # idempotent: nothing wrapped twice
-    assert not hasattr(fused.model.layers[0].self_attn.forward.__wrapped__, "fused_rotary")
+    rotary_forward = fused.model.layers[0].self_attn.forward
+    assert not isinstance(rotary_forward.args[0], functools.partial)  # the original forward, wrapped once
+    assert rotary_forward.args[0] == type(fused.model.layers[0].self_attn).forward.__get__(
+        fused.model.layers[0].self_attn
+    )
     assert sum(isinstance(m, FusedRMSNorm) for m in fused.modules()) == 5
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
@@ -482,7 +489,22 @@ def test_a_fused_model_is_not_saved(tmp_path):
     fuse_projections_(model)
     with pytest.raises(ValueError, match="fused for inference"):
         save_model_atomically(model, None, tmp_path / "out", overwrite=False)
+    with pytest.raises(ValueError, match="fused for inference"):
+        save_sparse(model, None, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_deep_copy_of_a_fused_model_runs_its_own_weights():
+    plain = tiny_llama()
+    fused = copy.deepcopy(plain)
+    fuse_small_ops_(fused)
+    twin = copy.deepcopy(fused)
+    with torch.no_grad():
+        for module in (plain, twin):
+            module.model.layers[0].self_attn.o_proj.weight.mul_(-2)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_rotary_falls_back_for_what_it_does_not_cover(device):
@@ -521,7 +543,7 @@ def test_other_architectures_are_refused_not_fused_silently():
     with pytest.raises(UnsupportedModelError, match="unsupported architecture 'glm'"):
         fuse_small_ops_(model)
     assert {name: type(module) for name, module in model.named_modules()} == before
-    assert not any(getattr(m.forward, "fused_rotary", False) for m in model.modules())
+    assert not any(isinstance(m.forward, functools.partial) for m in model.modules())
 
 
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])

@@ -32,6 +32,20 @@ def tiny(family: str):
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
+def test_greedy_decoder_in_bf16_picks_the_full_forward_argmax(family):
+    """In bf16, greedy tokens can flip at near-ties between two correct kernels (generate() itself masks its
+    decode steps differently), so each token is checked against one full forward over prompt + tokens: it must
+    be that forward's argmax, within one bf16 ulp at the logits' scale (2^-7 relative)."""
+    model = tiny(family).to(torch.bfloat16)
+    prompt = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    tokens = GreedyDecoder(model, batch=2, max_len=29, use_graph=False).generate(prompt, 12)
+    with torch.no_grad():
+        logits = model(torch.cat([prompt, tokens], dim=1)).logits.float()[:, 6:-1]  # the positions that chose them
+    gap = logits.max(dim=-1).values - logits.gather(2, tokens.unsqueeze(-1)).squeeze(-1)
+    assert gap.max() <= 2.0**-7 * logits.abs().max(), gap
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
 def test_greedy_decoder_matches_generate(family):
     model = tiny(family)
     prompt = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -123,15 +137,23 @@ def test_decoder_refuses_overflow():
     decoder.step()
     with pytest.raises(ValueError, match="full"):
         decoder.step()
+    fresh = GreedyDecoder(tiny("llama"), batch=1, max_len=8, use_graph=False)
+    with pytest.raises(ValueError, match="call prefill"):
+        fresh.step()
+    with pytest.raises(ValueError, match="prompt must be"):
+        fresh.prefill(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_new_tokens must be"):
+        fresh.generate(torch.zeros(1, 3, dtype=torch.long), 0)
 
 
-@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("family", ["opt", "llama", "mistral-sliding"])
 def test_prefill_runner_returns_last_logits(family):
+    """Mistral's 8-token window is shorter than the 20-token prompt: causal attention alone would see past it."""
     model = tiny(family)
-    ids = torch.randint(0, 96, (3, 10), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 96, (3, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(ids).logits[:, -1]
-    runner = PrefillRunner(model, batch=3, seqlen=10, use_graph=False)
+    runner = PrefillRunner(model, batch=3, seqlen=20, use_graph=False)
     torch.testing.assert_close(runner(ids), want, rtol=1e-5, atol=1e-5)
 
 

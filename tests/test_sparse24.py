@@ -56,6 +56,33 @@ def test_save_and_load_sparse_round_trip(family, tmp_path):
     assert torch.equal(got, want)  # CPU runs the unpacked dense weight: bit-identical
 
 
+def test_a_loaded_sparse_model_saves_again_and_reports_its_sparsity(tmp_path):
+    model = pruned("llama")
+    save_sparse(model, None, tmp_path / "first")
+    loaded = load_sparse(tmp_path / "first")
+    assert pruning.check_sparsity(loaded, log_layers=False) == pruning.check_sparsity(model, log_layers=False) == 0.5
+    save_sparse(loaded, None, tmp_path / "second")  # its Linears are Sparse24Linears already
+    spec = json.loads((tmp_path / "second" / "config.json").read_text())["sparsity_config"]
+    assert len(spec["modules"]) == 14
+    again = load_sparse(tmp_path / "second")
+    for name in spec["modules"]:
+        assert torch.equal(again.get_submodule(name).to_dense(), model.get_submodule(name).weight)
+
+
+def test_new_weights_reach_the_forward(tmp_path):
+    """Derived forms of the weight (on CPU the dense copy) are dropped when the state dict is loaded anew."""
+    first, second = pruned("opt"), pruned("opt")
+    with torch.no_grad():
+        for lin in (m for m in second.modules() if isinstance(m, nn.Linear)):
+            lin.weight.neg_()
+    compress_model_24(first), compress_model_24(second)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), pytest.warns(UserWarning, match="dense weight"):
+        first(ids)  # builds the dense copies
+        first.load_state_dict(second.state_dict())
+        torch.testing.assert_close(first(ids).logits, second(ids).logits, rtol=0, atol=0)
+
+
 def test_saving_compressed_leaves_the_model_as_it_was(tmp_path):
     """The CLI saves before it evaluates: the model it then evaluates must keep its own Linears and config."""
     model = pruned("llama")
@@ -106,6 +133,11 @@ def test_a_weight_that_is_not_24_is_refused_by_name():
         compress_model_24(model)
     # Nothing was replaced: every decoder Linear is still a plain nn.Linear.
     assert not any(isinstance(m, Sparse24Linear) for m in model.modules())
+
+
+def test_a_width_the_format_cannot_hold_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"cannot store layers\.0\.fc2 as 2:4: .*divisible by 8, got 100"):
+        Sparse24Linear.from_linear(nn.Linear(100, 8), "layers.0.fc2")
 
 
 def test_load_sparse_refuses_metadata_out_of_order_by_module(tmp_path):
