@@ -14,7 +14,9 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune_method", choices=METHODS, required=True)
     p.add_argument("--cache_dir", default="llm_weights", help="Hugging Face cache directory")
     p.add_argument("--use_variant", action="store_true", help="Wanda's per-row cumulative-alpha variant")
-    p.add_argument("--save", default=None, help="directory for log_{method}.txt and metrics.json")
+    p.add_argument("--save", default=None, help="directory for log_{method}.txt and a metrics_*.json per run")
     p.add_argument("--save_model", default=None, help="directory to save the pruned model and tokenizer")
     p.add_argument("--eval_zero_shot", action="store_true", help="lm-eval zero-shot tasks (needs .[eval])")
     # added
@@ -119,6 +121,13 @@ def _check_output_paths(args: argparse.Namespace) -> None:
             f"--save {args.save!r} is inside --save_model {args.save_model!r}, which the saved model replaces; "
             "use separate directories"
         )
+    for flag, source in (("--calib_dataset", args.calib_dataset), ("--eval_dataset", args.eval_dataset)):
+        path = Path(_data_source(source))
+        if path.exists() and _same_or_inside(path, save_model):
+            raise ValueError(
+                f"{flag} {source!r} is inside --save_model {args.save_model!r}, which the saved model replaces; "
+                "keep the data elsewhere"
+            )
 
 
 def validate_args(args: argparse.Namespace) -> PruneConfig:
@@ -137,6 +146,11 @@ def validate_args(args: argparse.Namespace) -> PruneConfig:
         )
     if args.seqlen is not None and args.seqlen < 2:
         raise ValueError(f"--seqlen must be at least 2 tokens (or left out for the model's maximum), got {args.seqlen}")
+    for flag, value in (("--save", args.save), ("--save_model", args.save_model)):
+        if value is not None and not value.strip():
+            raise ValueError(f"{flag} needs a directory, got an empty string (leave the flag out to skip it)")
+    if args.eval_dense and args.eval_dataset.lower() == "none":
+        raise ValueError("--eval_dense measures perplexity on --eval_dataset, which is 'none'; drop one of the two")
     if args.eval_batch_size <= 0:
         raise ValueError(f"--eval_batch_size must be positive, got {args.eval_batch_size}")
     if args.calib_batch_size is not None and args.calib_batch_size <= 0:
@@ -166,6 +180,7 @@ def validate_args(args: argparse.Namespace) -> PruneConfig:
                 "--eval_zero_shot needs lm-eval, which is not installed: pip install -e '.[eval]' "
                 "(or run without --eval_zero_shot)"
             ) from None
+        _check_zero_shot_tasks(args.zero_shot_tasks, args.zero_shot_include_path)
     if needs_calibration(config):
         _check_data_source("--calib_dataset", _data_source(args.calib_dataset))
     if args.eval_dataset.lower() != "none":
@@ -185,6 +200,23 @@ def validate_args(args: argparse.Namespace) -> PruneConfig:
 
         check_save_model_dir(args.save_model, args.overwrite)
     return config
+
+
+def _check_zero_shot_tasks(tasks: str, include_path: str | None) -> None:
+    """Resolve the task names now (lm-eval indexes its task YAMLs in a few seconds), not after the pruning."""
+    if include_path and not Path(include_path).expanduser().is_dir():
+        raise ValueError(f"--zero_shot_include_path {include_path!r}: no such directory of lm-eval task YAMLs")
+    names = [t for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise ValueError("--zero_shot_tasks is empty; name lm-eval tasks such as boolq,rte")
+    from pruning.evaluate import unknown_zero_shot_tasks
+
+    unknown = unknown_zero_shot_tasks(names, include_path)
+    if unknown:
+        raise ValueError(
+            f"--zero_shot_tasks: lm-eval knows no task {', '.join(map(repr, unknown))}; check the names "
+            "(`lm-eval ls tasks`) or add their YAMLs with --zero_shot_include_path"
+        )
 
 
 def needs_calibration(config: PruneConfig) -> bool:
@@ -253,7 +285,7 @@ def evaluate_zero_shot(model, tokenizer, args: argparse.Namespace) -> dict:
     placement = contextlib.nullcontext()
     if _streamed_from_cpu(model, adapter):
         placement = layers_streamed_through(model, adapter, compute_device_for(adapter.layers(model)[0]))
-    tasks = [t for t in args.zero_shot_tasks.split(",") if t]
+    tasks = [t.strip() for t in args.zero_shot_tasks.split(",") if t.strip()]
     with placement:
         return zero_shot(
             model, tokenizer, tasks, batch_size=args.eval_batch_size, include_path=args.zero_shot_include_path
@@ -266,7 +298,7 @@ def run_prune(args: argparse.Namespace) -> dict:
     from pruning.data import DataError, get_calibration_ids
     from pruning.driver import prune_model
     from pruning.loading import load_config, load_model, load_tokenizer
-    from pruning.outputs import save_model_atomically, versions, write_metrics, write_wanda_log
+    from pruning.outputs import metrics_path, save_model_atomically, versions, write_metrics, write_wanda_log
     from pruning.sparsity import check_sparsity
 
     started = time.perf_counter()
@@ -332,9 +364,9 @@ def run_prune(args: argparse.Namespace) -> dict:
     save_dir = Path(args.save).expanduser() if args.save else None
     if save_dir:
         write_wanda_log(save_dir, config.method, sparsity, metrics["ppl_test"])
-        write_metrics(save_dir, metrics)
-        log.info("wrote %s", save_dir)
-        kept.insert(0, str(save_dir))
+        metrics_file = write_metrics(metrics_path(save_dir, config.method, config.sparsity_type), metrics)
+        log.info("wrote %s and %s", save_dir / f"log_{config.method}.txt", metrics_file)
+        kept.insert(0, str(metrics_file))
     if args.eval_zero_shot:
         try:
             metrics["zero_shot"] = evaluate_zero_shot(model, tokenizer, args)
@@ -344,7 +376,7 @@ def run_prune(args: argparse.Namespace) -> dict:
         print(f"zero-shot: {metrics['zero_shot']}")
         metrics["total_seconds"] = time.perf_counter() - started
         if save_dir:
-            write_metrics(save_dir, metrics)
+            write_metrics(metrics_file, metrics)
     return metrics
 
 
@@ -365,9 +397,29 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's time limit, ``timeout``, ``kill``), raised like Ctrl-C so that the same
+    clean-up runs: a model being saved is removed from its staging directory, not left half-written."""
+
+
+def _raise_terminated(_signum, _frame) -> NoReturn:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    previous_sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(argv)
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _main(argv: list[str]) -> int:
     try:
         if not argv or argv[0] == "demo":
             from pruning.demo import run_demo
@@ -384,11 +436,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {_first_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if os.environ.get("WANDA_DEBUG"):
             raise
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        terminated = isinstance(interrupt, Terminated)
+        print(f"error: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
 
 
 if __name__ == "__main__":

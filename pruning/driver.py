@@ -87,7 +87,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def validate_calibration_ids(calibration_ids: torch.Tensor | None, model: nn.Module) -> tuple[int, int]:
     if not isinstance(calibration_ids, torch.Tensor) or calibration_ids.ndim != 2:
-        raise ValueError("calibration_ids must be a LongTensor [nsamples, seqlen]")
+        got = tuple(calibration_ids.shape) if isinstance(calibration_ids, torch.Tensor) else calibration_ids
+        raise ValueError(
+            f"calibration_ids must be a LongTensor [nsamples, seqlen] of token ids (see "
+            f"pruning.data.get_calibration_ids), got {got!r}"
+        )
     if calibration_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"calibration_ids must hold token ids (int64), got {calibration_ids.dtype}")
     nsamples, seqlen = calibration_ids.shape
@@ -273,7 +277,7 @@ def prune_model(
     first_device = compute_device_for(layers[0])
     backend = resolve_backend(config.backend, first_device)
     _check_nm_divisibility(layers, config)
-    needs_data = config.method != "magnitude"
+    needs_data = config.method != "magnitude" and config.sparsity_ratio > 0  # ratio 0: nothing is pruned
     nsamples, seqlen = validate_calibration_ids(calibration_ids, model) if needs_data else (0, 0)
     batch_size = config.calib_batch_size or (
         auto_batch_size(model, adapter, nsamples, seqlen, first_device) if needs_data else 0

@@ -108,6 +108,14 @@ def perplexity(
     return math.exp(mean_nll)
 
 
+def unknown_zero_shot_tasks(tasks: Sequence[str], include_path: str | None = None) -> list[str]:
+    """The names in ``tasks`` that lm-eval (with ``include_path``'s YAMLs) resolves to no task, group or tag."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_path)
+    return [task for task in tasks if not manager.match_tasks([task])]
+
+
 def zero_shot(
     model: Any,
     tokenizer: Any,

@@ -113,13 +113,15 @@ def load_tokenizer(name: str, cache_dir: str | None = None):
     from transformers import AutoTokenizer
 
     source, kwargs = _source(name)
+    advice = "the model directory needs the tokenizer files that tokenizer.save_pretrained writes"
     try:
-        return AutoTokenizer.from_pretrained(source, cache_dir=cache_dir, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=cache_dir, **kwargs)
     except (OSError, ValueError) as err:
-        raise ValueError(
-            f"cannot load the tokenizer of {name!r}: {_first_line(err)}; the model directory needs the "
-            "tokenizer files that tokenizer.save_pretrained writes"
-        ) from None
+        raise ValueError(f"cannot load the tokenizer of {name!r}: {_first_line(err)}; {advice}") from None
+    # transformers 5 builds an empty tokenizer, without an error, from a directory that has no tokenizer files.
+    if not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
+        raise ValueError(f"cannot load the tokenizer of {name!r}: it turns text into no tokens; {advice}")
+    return tokenizer
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -183,6 +185,13 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except (OSError, ValueError) as err:
             raise _not_found(name, cache_dir, err, "local_files_only" in kwargs) from None
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # a truncated safetensors file, weights that do not match config.json, ...
+            raise ValueError(
+                f"cannot load model {name!r}: {type(err).__name__}: {_first_line(err)}; the checkpoint may be "
+                "incomplete (an interrupted download or copy) or not match its config.json: fetch or save it again"
+            ) from None
     model.eval()
     if device_map or not torch.cuda.is_available():
         return model

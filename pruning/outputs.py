@@ -1,4 +1,4 @@
-"""Writing results: Wanda's log file, metrics.json, and a saved model, without losing what exists."""
+"""Writing results: Wanda's log file, one metrics file per run, and a saved model, without losing what exists."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -32,21 +33,42 @@ def check_save_dir(path: str) -> Path:
 
 
 def check_save_model_dir(path: str, overwrite: bool) -> Path:
-    """Refuse an existing ``--save_model`` without ``overwrite``, and prove its parent is writable (creating it)."""
+    """Refuse an existing ``--save_model`` without ``overwrite``, or one ``overwrite`` must not replace (the current
+    directory, a directory that holds no saved model), and prove its parent is writable (creating it)."""
     target = Path(path).expanduser()
     if target.exists() and not target.is_dir():
         raise ValueError(f"--save_model {str(target)!r} is a file, not a directory; choose another path")
     if target.exists() and not overwrite:
         raise ValueError(f"--save_model directory {str(target)!r} already exists; pass --overwrite to replace it")
+    cwd = Path.cwd().resolve()
+    if target.exists() and (target.resolve() == cwd or target.resolve() in cwd.parents):
+        raise ValueError(
+            f"--save_model {str(target)!r} is the current directory or contains it, which a saved model cannot "
+            "replace; name a directory of its own"
+        )
+    if target.exists() and not (target / "config.json").is_file() and any(target.iterdir()):
+        raise ValueError(
+            f"--save_model {str(target)!r} is not empty and holds no saved model (no config.json); --overwrite "
+            "replaces only a model directory: choose a new directory"
+        )
     _prove_writable(target.parent, "--save_model into")
     return target
 
 
+WANDA_LOG_HEADER = "method\tactual_sparsity\tppl_test\n"
+
+
 def write_wanda_log(directory: Path, method: str, actual_sparsity: float, ppl_test: float | None) -> Path:
-    """``log_{method}.txt`` with locuslab/wanda's columns: method, actual_sparsity, ppl_test."""
+    """``log_{method}.txt`` with locuslab/wanda's columns: method, actual_sparsity, ppl_test. The reference
+    rewrites the file on every run; here each run adds its row, so a sweep into one --save keeps every result."""
     ppl = "nan" if ppl_test is None else f"{ppl_test:.4f}"
-    text = f"method\tactual_sparsity\tppl_test\n{method}\t{actual_sparsity:.4f}\t{ppl}\n"
-    return _write_atomically(directory / f"log_{method}.txt", text)
+    path = directory / f"log_{method}.txt"
+    before = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if not before.startswith(WANDA_LOG_HEADER):
+        before = WANDA_LOG_HEADER + before
+    if not before.endswith("\n"):
+        before += "\n"
+    return _write_atomically(path, f"{before}{method}\t{actual_sparsity:.4f}\t{ppl}\n")
 
 
 def versions() -> dict[str, str | None]:
@@ -77,8 +99,22 @@ def _write_atomically(path: Path, text: str) -> Path:
     return path
 
 
-def write_metrics(directory: Path, metrics: dict) -> Path:
-    return _write_atomically(directory / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=str))
+def metrics_path(directory: Path, method: str, sparsity_type: str) -> Path:
+    """A new file for this run's metrics: ``metrics_{method}_{type}_{UTC time}.json`` (``2:4`` written ``2-4``),
+    with a counter if that name is taken, so no run replaces another's."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    stem = f"metrics_{method}_{sparsity_type.replace(':', '-')}_{stamp}"
+    path = directory / f"{stem}.json"
+    count = 1
+    while path.exists():
+        count += 1
+        path = directory / f"{stem}_{count}.json"
+    return path
+
+
+def write_metrics(path: Path, metrics: dict) -> Path:
+    """Write (or update: the zero-shot results come last) one run's metrics file."""
+    return _write_atomically(path, json.dumps(metrics, indent=2, sort_keys=True, default=str))
 
 
 def _umask() -> int:
@@ -119,7 +155,13 @@ def save_model_atomically(model, tokenizer, target: Path, overwrite: bool, save_
         )
     # A name no one else uses (unique like the staging name), so nothing that was there is deleted by mistake.
     backup = staging.with_name(staging.name.replace(".partial-", ".old-", 1))
-    target.rename(backup)
+    try:
+        target.rename(backup)
+    except OSError as err:
+        raise ValueError(
+            f"--save_model {str(target)!r} could not be replaced ({err.strerror or err}); "
+            f"the pruned model is in {str(staging)!r}"
+        ) from None
     try:
         staging.rename(target)
     except BaseException:

@@ -187,6 +187,7 @@ def test_cli_accepts_wanda_ablation_methods(method, tiny_opt, tmp_path):  # noqa
 
     save = tmp_path / "out"
     assert run_main(prune_argv(tiny_opt, "--save", str(save), method=method, kind="2:4")) == 0
-    metrics = json.loads((save / "metrics.json").read_text())
+    (metrics_file,) = save.glob(f"metrics_{method}_2-4_*.json")
+    metrics = json.loads(metrics_file.read_text())
     assert metrics["prune"]["method"] == method and metrics["actual_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert (save / f"log_{method}.txt").exists()

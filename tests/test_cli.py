@@ -64,6 +64,12 @@ def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+def read_metrics(save: Path) -> dict:
+    """The one run's metrics file in a --save directory."""
+    (path,) = save.glob("metrics_*.json")
+    return json.loads(path.read_text())
+
+
 def prune_argv(model: Path | str, *extra: str, method: str = "wanda", ratio: str = "0.5", kind: str = "unstructured"):
     """Wanda-style flags for a fast offline run: 4 calibration samples of 64 tokens from the demo texts."""
     return [
@@ -283,7 +289,7 @@ def test_full_run_writes_wanda_log_metrics_and_a_reloadable_2_4_model(tiny_opt, 
     method, actual, ppl = lines[1].split("\t")
     assert (method, actual) == ("wanda", "0.5000")
 
-    metrics = json.loads((save / "metrics.json").read_text())
+    metrics = read_metrics(save)
     assert metrics["config"]["model"] == str(tiny_opt)
     assert metrics["config"]["sparsity_type"] == "2:4"
     assert metrics["config"]["prune_method"] == "wanda"
@@ -351,7 +357,7 @@ def test_console_script_with_the_seed_guide_flags(tiny_opt, tmp_path):
     lines = (tmp_path / "out" / "log_magnitude.txt").read_text().splitlines()
     assert lines[0] == "method\tactual_sparsity\tppl_test"
     assert lines[1].startswith("magnitude\t0.50")
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["prune"]["method"] == "magnitude"
+    assert read_metrics(tmp_path / "out")["prune"]["method"] == "magnitude"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -441,5 +447,121 @@ def test_device_map_auto_runs(tiny_opt, tmp_path, monkeypatch):
     argv = prune_argv(tiny_opt, "--device_map", "auto", "--save", str(save), "--eval_dataset", "none", kind="4:8")
     assert cli.main(argv) == 0
     assert placements == ["auto"]  # handed to from_pretrained, i.e. to accelerate
-    metrics = json.loads((save / "metrics.json").read_text())
+    metrics = read_metrics(save)
     assert metrics["config"]["device_map"] == "auto" and metrics["actual_sparsity"] == 0.5
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What a user trips on: defaults, broken model directories, repeated runs, dangerous output paths, signals
+
+
+def test_the_default_sparsity_ratio_0_evaluates_the_dense_model(tiny_opt, tmp_path, capsys):
+    """As locuslab/wanda (``if args.sparsity_ratio != 0``): nothing is pruned, no calibration data is needed."""
+    argv = prune_argv(tiny_opt, "--save", str(tmp_path), ratio="0")
+    argv[argv.index("--calib_dataset") + 1] = str(tmp_path / "never-read.txt")
+    assert run_main(argv) == 0
+    assert "sparsity sanity check 0.0000" in capsys.readouterr().out
+    assert read_metrics(tmp_path)["actual_sparsity"] == 0.0
+
+
+def test_a_model_directory_without_tokenizer_files(tiny_opt, tmp_path, capsys):
+    bare = tmp_path / "weights-only"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((tiny_opt / name).read_bytes())
+    code = run_main(prune_argv(bare))
+    assert_one_line_error(capsys, code, "cannot load the tokenizer", "tokenizer files")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other-shapes"])
+def test_a_damaged_checkpoint_is_one_line(damage, tiny_opt, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in tiny_opt.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    if damage == "truncated":  # an interrupted download
+        weights = (tiny_opt / "model.safetensors").read_bytes()
+        (broken / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    else:  # config.json says one size, the weights hold another
+        config = json.loads((tiny_opt / "config.json").read_text())
+        config["ffn_dim"] = 48
+        (broken / "config.json").write_text(json.dumps(config))
+    code = run_main(prune_argv(broken))
+    err = capsys.readouterr().err  # transformers prints its loading progress and report before the error
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err and last.startswith("error: "), err
+    assert f"cannot load model {str(broken)!r}" in last and "fetch or save it again" in last
+
+
+def test_runs_into_one_save_directory_keep_every_result(tiny_opt, tmp_path):
+    """The README's baselines all write to one --save: each run adds its log row and its own metrics file."""
+    save = tmp_path / "out"
+    for method, ratio in (("magnitude", "0.5"), ("wanda", "0.5"), ("wanda", "0.25")):
+        assert run_main(prune_argv(tiny_opt, "--save", str(save), method=method, ratio=ratio)) == 0
+    wanda_rows = (save / "log_wanda.txt").read_text().splitlines()
+    assert wanda_rows[0] == "method\tactual_sparsity\tppl_test" and len(wanda_rows) == 3
+    assert [row.split("\t")[1] for row in wanda_rows[1:]] == ["0.5000", "0.2500"]
+    runs = [json.loads(p.read_text()) for p in sorted(save.glob("metrics_*.json"))]
+    assert sorted((r["prune"]["method"], r["prune"]["sparsity_ratio"]) for r in runs) == [
+        ("magnitude", 0.5), ("wanda", 0.25), ("wanda", 0.5),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("problem", ["unknown task", "missing include path"])
+def test_zero_shot_tasks_are_checked_before_loading(problem, tiny_opt, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("lm_eval")
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the zero-shot tasks were checked")
+
+    monkeypatch.setattr(loading, "load_config", must_not_load)
+    if problem == "unknown task":
+        extra, fragment = ("--zero_shot_tasks", "boolq,no_such_task"), "no task 'no_such_task'"
+    else:
+        extra, fragment = ("--zero_shot_include_path", str(tmp_path / "absent")), "no such directory"
+    code = run_main(prune_argv(tiny_opt, "--eval_zero_shot", *extra))
+    assert_one_line_error(capsys, code, fragment)
+
+
+def test_overwrite_replaces_only_a_model_directory(tiny_opt, tmp_path, capsys, monkeypatch):
+    project = tmp_path / "project"
+    (project / "notes").mkdir(parents=True)
+    (project / "notes" / "thesis.tex").write_text("months of work")
+    (project / "calib.txt").write_text(CALIB.read_text())
+    before = snapshot(project)
+    code = run_main(prune_argv(tiny_opt, "--save_model", str(project), "--overwrite"))
+    assert_one_line_error(capsys, code, "holds no saved model", "choose a new directory")
+    assert snapshot(project) == before
+    # A dataset inside the directory the saved model replaces: refused too, even when it is a model directory.
+    (project / "config.json").write_text("{}")
+    argv = prune_argv(tiny_opt, "--save_model", str(project), "--overwrite")
+    argv[argv.index("--calib_dataset") + 1] = str(project / "calib.txt")
+    assert_one_line_error(capsys, run_main(argv), "--calib_dataset", "keep the data elsewhere")
+    # The current directory cannot be renamed away.
+    monkeypatch.chdir(project)
+    code = run_main(prune_argv(tiny_opt, "--save_model", ".", "--overwrite"))
+    assert_one_line_error(capsys, code, "current directory")
+
+
+@pytest.mark.parametrize("flags", [("--save", ""), ("--save_model", ""), ("--eval_dense", "--eval_dataset", "none")])
+def test_flags_that_would_be_silently_ignored(flags, tiny_opt, capsys):
+    assert_one_line_error(capsys, run_main(prune_argv(tiny_opt, *flags)), flags[0])
+
+
+def test_sigterm_while_saving_leaves_no_partial_model(tiny_opt, tmp_path, capsys, monkeypatch):
+    """A scheduler's time limit sends SIGTERM: the staging directory is removed as on Ctrl-C."""
+    import signal
+
+    from transformers import PreTrainedModel
+
+    def terminated_mid_write(self, directory, *args, **kwargs):
+        (Path(directory) / "model.safetensors").write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt the save")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", terminated_mid_write)
+    before = signal.getsignal(signal.SIGTERM)
+    code = run_main(prune_argv(tiny_opt, "--save_model", str(tmp_path / "pruned"), "--eval_dataset", "none"))
+    assert code == 143 and "error: terminated (SIGTERM)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither the model nor its staging directory
+    assert signal.getsignal(signal.SIGTERM) == before  # the CLI's handler is gone again
