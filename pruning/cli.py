@@ -206,7 +206,7 @@ def _check_zero_shot_tasks(tasks: str, include_path: str | None) -> None:
     """Resolve the task names now (lm-eval indexes its task YAMLs in a few seconds), not after the pruning."""
     if include_path and not Path(include_path).expanduser().is_dir():
         raise ValueError(f"--zero_shot_include_path {include_path!r}: no such directory of lm-eval task YAMLs")
-    names = [t for t in tasks.split(",") if t.strip()]
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise ValueError("--zero_shot_tasks is empty; name lm-eval tasks such as boolq,rte")
     from pruning.evaluate import unknown_zero_shot_tasks
@@ -326,7 +326,9 @@ def run_prune(args: argparse.Namespace) -> dict:
         model = load_model(args.model, args.cache_dir, args.dtype, args.device_map, args.offload)
     log.info("loaded %s (%s) in %.1f s", args.model, model_config.model_type, time.perf_counter() - started)
     from pruning.adapters import get_adapter
+    from pruning.layerwise import check_layers_placeable
 
+    check_layers_placeable(get_adapter(model).layers(model))  # right after loading, not halfway through pruning
     streamed = streamed or _streamed_from_cpu(model, get_adapter(model))  # also when the model did not fit
     if args.save_format == "sparse24":
         from pruning.sparse24 import check_packable

@@ -1,12 +1,15 @@
 """Calibration and evaluation token ids, following Wanda / SparseGPT data loading.
 
 Sources: "c4" and "wikitext2" (Hugging Face Hub datasets, as the papers use them) or a local path: a text file,
-a .json/.jsonl file, or a directory of .txt/.json/.jsonl files. Calibration samples are `nsamples` random windows
+a .json/.jsonl file (optionally .gz), or a directory of them. Calibration samples are `nsamples` random windows
 of `seqlen` tokens drawn with `random.Random(seed)`, the same draws as Wanda's `random.seed(seed); random.randint`.
+Local JSON documents are sampled as Wanda samples C4 (a random document longer than seqlen, a window in it), so
+the C4 shard file itself reproduces `--calib_dataset c4` offline; plain text is sampled as WikiText-2 is.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -22,7 +25,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 HUB_SOURCES = ("c4", "wikitext2")
-LOCAL_SUFFIXES = (".txt", ".json", ".jsonl")
+LOCAL_SUFFIXES = (".txt", ".json", ".jsonl", ".txt.gz", ".json.gz", ".jsonl.gz")
 
 C4_REPO = "allenai/c4"
 C4_TRAIN_FILE = "en/c4-train.00000-of-01024.json.gz"
@@ -47,10 +50,38 @@ class DataError(ValueError):
 # tokenization
 
 
+TOKENIZE_PIECE_CHARS = 8 << 20  # fast tokenizers hold ~100x a text's size in offsets while encoding it
+
+
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
-    """Tokenize `text` once (with the tokenizer's special tokens, e.g. a leading BOS) into a LongTensor [1, N]."""
-    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids
-    return ids.to(torch.long)
+    """Tokenize `text` (with the tokenizer's special tokens, e.g. a leading BOS) into a LongTensor [1, N].
+
+    A text longer than TOKENIZE_PIECE_CHARS goes in pieces cut before a line that starts with a non-space
+    character, later pieces without special tokens: byte-level BPE (GPT-2, OPT, LLaMA-3) splits words there
+    anyway, so the ids are those of one call; SentencePiece tokenizers may add a word-start marker per piece."""
+    if len(text) <= TOKENIZE_PIECE_CHARS:
+        return tokenizer(text, return_tensors="pt", verbose=False).input_ids.to(torch.long)
+    pieces = []
+    start = 0
+    while start < len(text):
+        end = _piece_end(text, start + TOKENIZE_PIECE_CHARS)
+        ids = tokenizer(text[start:end], add_special_tokens=start == 0, verbose=False).input_ids
+        pieces.append(torch.tensor(ids, dtype=torch.int32))
+        start = end
+    return torch.cat(pieces).to(torch.long).unsqueeze(0)
+
+
+def _piece_end(text: str, at_least: int) -> int:
+    """The first index >= at_least that starts a line with a non-space character (or the end of the text)."""
+    position = at_least
+    while position < len(text):
+        newline = text.find("\n", position - 1)
+        if newline < 0:
+            return len(text)
+        if newline + 1 < len(text) and not text[newline + 1].isspace():
+            return newline + 1
+        position = newline + 2
+    return len(text)
 
 
 def _random_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, what: str) -> torch.Tensor:
@@ -80,15 +111,23 @@ def _texts_from_json(path: Path) -> list[str]:
             return item["text"]
         raise DataError(f'{where}: expected a string or an object with a "text" string field')
 
-    if path.suffix == ".jsonl":
+    def json_lines() -> list[str]:
         texts = []
-        with open(path, encoding="utf-8") as f:
+        with _open_text(path) as f:
             for line_no, line in enumerate(f, 1):
                 if line.strip():
                     texts.append(doc_text(json.loads(line), f"{path}:{line_no}"))
         return texts
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+
+    if _suffix(path) == ".jsonl":
+        return json_lines()
+    try:
+        with _open_text(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # JSON Lines under a .json name, as the C4 shards are
+            return json_lines()
+        raise
     if isinstance(data, dict) and isinstance(data.get("text"), list):
         data = data["text"]
     if not isinstance(data, list):
@@ -96,35 +135,62 @@ def _texts_from_json(path: Path) -> list[str]:
     return [doc_text(item, f"{path}[{i}]") for i, item in enumerate(data)]
 
 
+def _suffix(path: Path) -> str:
+    """The data suffix of a file name, without a trailing .gz: '.txt', '.json', '.jsonl' or another."""
+    name = path.name[: -len(".gz")] if path.name.endswith(".gz") else path.name
+    return Path(name).suffix
+
+
+def _open_text(path: Path):
+    """A text file, gzip-compressed when its name ends in .gz; a UTF-8 byte-order mark is dropped."""
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline=None)
+    return open(path, encoding="utf-8-sig")
+
+
 def _read_file(path: Path) -> list[str]:
-    if path.suffix in (".json", ".jsonl"):
+    if _suffix(path) in (".json", ".jsonl"):
         return _texts_from_json(path)
-    return [path.read_text(encoding="utf-8")]
+    with _open_text(path) as f:
+        return [f.read()]
 
 
-def read_local_text(path: str | Path) -> str:
-    """All text under a local file or directory (.txt/.json/.jsonl files, sorted by path), joined with blank lines."""
-    path = Path(path)
+def _local_files(path: Path) -> list[Path]:
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(LOCAL_SUFFIXES))
         if not files:
             raise DataError(f"{path}: no {'/'.join(LOCAL_SUFFIXES)} files in this directory")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise DataError(f"{path}: no such file or directory")
+        return files
+    if path.is_file():
+        return [path]
+    raise DataError(f"{path}: no such file or directory")
+
+
+def read_local_documents(path: str | Path) -> list[str]:
+    """The documents under a local file or directory (sorted by path): one per .txt file, one per JSON entry."""
+    path = Path(path)
     docs: list[str] = []
-    for f in files:
+    for f in _local_files(path):
         try:
             docs.extend(_read_file(f))
         except UnicodeDecodeError as exc:
             raise DataError(f"{f}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        except (OSError, EOFError) as exc:  # a damaged .gz
+            raise DataError(f"{f}: cannot read it ({exc})") from exc
         except json.JSONDecodeError as exc:
             raise DataError(f"{f}: invalid JSON ({exc.msg}, line {exc.lineno})") from exc
-    text = LOCAL_DOC_JOIN.join(docs)
-    if not text.strip():
+    if not any(doc.strip() for doc in docs):
         raise DataError(f"{path}: no text found")
-    return text
+    return docs
+
+
+def read_local_text(path: str | Path) -> str:
+    """All text under a local file or directory (its documents, sorted by path), joined with blank lines."""
+    return LOCAL_DOC_JOIN.join(read_local_documents(path))
+
+
+def _only_json_documents(path: Path) -> bool:
+    return all(_suffix(f) in (".json", ".jsonl") for f in _local_files(path))
 
 
 def _is_local(source: str | Path) -> bool:
@@ -177,28 +243,41 @@ def _offline_hint(source: str) -> str:
 
 
 def _load_hub_split(source: str, split: str, cache_dir: str | Path | None) -> Any:
-    """Load one split of a hub dataset the way Wanda does; any failure becomes a DataError with a hint."""
+    """Load one split of a hub dataset the way Wanda does; any failure becomes a DataError with a hint.
+
+    The datasets cache comes first (``HF_DATASETS_CACHE``, where Wanda's ``load_dataset`` calls put them: it
+    passes its ``--cache_dir`` to the model only), then ``cache_dir`` if given."""
     if not _hub_offline() and not _hub_reachable():
         raise DataError(
             f"cannot reach the Hugging Face Hub to download {source!r} {split} data; " + _offline_hint(source)
         )
+    import datasets
     from datasets import load_dataset
 
-    cache = str(cache_dir) if cache_dir is not None else None
-    try:
-        if source == "c4":
-            data_file = C4_TRAIN_FILE if split == "train" else C4_VALIDATION_FILE
-            return load_dataset(C4_REPO, data_files={split: data_file}, split=split, cache_dir=cache)
-        return load_dataset(WIKITEXT_REPO, WIKITEXT_CONFIG, split=split, cache_dir=cache)
-    except Exception as exc:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise DataError(
-            f"could not load {source!r} {split} split ({type(exc).__name__}: {first_line}); " + _offline_hint(source)
-        ) from exc
+    caches = [None] + ([str(cache_dir)] if cache_dir is not None else [])
+    for attempt, cache in enumerate(caches):
+        try:
+            if source == "c4":
+                data_file = C4_TRAIN_FILE if split == "train" else C4_VALIDATION_FILE
+                return load_dataset(C4_REPO, data_files={split: data_file}, split=split, cache_dir=cache)
+            return load_dataset(WIKITEXT_REPO, WIKITEXT_CONFIG, split=split, cache_dir=cache)
+        except Exception as exc:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
+            if attempt + 1 < len(caches):
+                continue
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            searched = " and ".join(repr(c or str(datasets.config.HF_DATASETS_CACHE)) for c in caches)
+            raise DataError(
+                f"could not load {source!r} {split} split from {searched} ({type(exc).__name__}: {first_line}); "
+                + _offline_hint(source)
+            ) from exc
+    raise AssertionError("unreachable")
 
 
-def _c4_calibration(docs: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """Wanda's C4 sampling: random documents longer than seqlen tokens, one random window from each."""
+def _c4_calibration(
+    docs: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int, what: str = "c4"
+) -> torch.Tensor:
+    """Wanda's C4 sampling: random documents longer than seqlen tokens, one random window from each. ``docs``:
+    rows with a "text" field (a datasets.Dataset) or plain strings."""
     rng = random.Random(seed)
     n_docs = len(docs)
     samples = []
@@ -208,8 +287,12 @@ def _c4_calibration(docs: Any, tokenizer: Any, nsamples: int, seqlen: int, seed:
         while True:
             tries += 1
             if tries > max_tries:
-                raise DataError(f"c4: found no document longer than seqlen={seqlen} tokens in {tries - 1} draws")
-            doc_ids = tokenize(tokenizer, docs[rng.randint(0, n_docs - 1)]["text"])
+                raise DataError(
+                    f"{what}: found no document longer than seqlen={seqlen} tokens in {tries - 1} draws; "
+                    "use longer documents, a smaller --seqlen, or a .txt file (windows run across documents)"
+                )
+            doc = docs[rng.randint(0, n_docs - 1)]
+            doc_ids = tokenize(tokenizer, doc if isinstance(doc, str) else doc["text"])
             if doc_ids.shape[1] > seqlen:
                 break
         start = rng.randint(0, doc_ids.shape[1] - seqlen - 1)
@@ -232,14 +315,19 @@ def get_calibration_ids(
     """Calibration batch [nsamples, seqlen] (LongTensor) of random token windows from `source`.
 
     "c4": Wanda's sampling from the first C4 train shard. "wikitext2": windows of the train split joined with " ".
-    A local path: its text tokenized once, windows drawn from it. Deterministic for a given seed.
+    A local path of .json/.jsonl documents: sampled as C4 is (the local C4 shard gives the same windows as "c4").
+    Other local text: tokenized once, windows drawn from it. Deterministic for a given seed.
     """
     if nsamples < 1 or seqlen < 1:
         raise DataError(f"nsamples and seqlen must be positive, got nsamples={nsamples}, seqlen={seqlen}")
     if _is_local(source):
         path = _check_local(source)
-        ids = tokenize(tokenizer, read_local_text(path))
-        out = _random_windows(ids, nsamples, seqlen, seed, what=str(path))
+        if _only_json_documents(path):
+            docs = read_local_documents(path)
+            out = _c4_calibration(docs, tokenizer, nsamples, seqlen, seed, what=str(path))
+        else:
+            ids = tokenize(tokenizer, read_local_text(path))
+            out = _random_windows(ids, nsamples, seqlen, seed, what=str(path))
     elif source == "c4":
         out = _c4_calibration(_load_hub_split("c4", "train", cache_dir), tokenizer, nsamples, seqlen, seed)
     else:

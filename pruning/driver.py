@@ -26,6 +26,7 @@ from pruning.layerwise import (
     StopForward,
     activation_store,
     capture_layer_inputs,
+    check_layers_placeable,
     compute_device_for,
     feed_layer,
     module_device,
@@ -274,6 +275,7 @@ def prune_model(
     )
     adapter = get_adapter(model)
     layers = adapter.layers(model)
+    check_layers_placeable(layers)
     first_device = compute_device_for(layers[0])
     backend = resolve_backend(config.backend, first_device)
     _check_nm_divisibility(layers, config)

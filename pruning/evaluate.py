@@ -109,11 +109,12 @@ def perplexity(
 
 
 def unknown_zero_shot_tasks(tasks: Sequence[str], include_path: str | None = None) -> list[str]:
-    """The names in ``tasks`` that lm-eval (with ``include_path``'s YAMLs) resolves to no task, group or tag."""
+    """The names in ``tasks`` that are no task, group or tag lm-eval knows (with ``include_path``'s YAMLs).
+    Exact names: ``simple_evaluate`` does not expand wildcards."""
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path)
-    return [task for task in tasks if not manager.match_tasks([task])]
+    known = set(TaskManager(include_path=include_path).all_tasks)
+    return [task for task in tasks if task not in known]
 
 
 def zero_shot(

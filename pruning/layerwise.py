@@ -99,8 +99,9 @@ def compute_device_for(module: nn.Module) -> torch.device:
     device = module_device(module)
     if device.type == "meta":
         raise ValueError(
-            "some weights are offloaded to disk (meta tensors) by accelerate; prune with --offload instead, "
-            "which keeps the model in CPU RAM and streams one layer at a time to the GPU"
+            "--device_map left some decoder layers off the GPUs (accelerate offloads them to CPU RAM or disk, as "
+            "meta tensors); prune with --offload instead (without --device_map), which keeps the model in CPU RAM "
+            "and streams one layer at a time to the GPU"
         )
     if device.type == "cpu" and torch.cuda.is_available():
         if hasattr(module, "_hf_hook"):
@@ -111,6 +112,13 @@ def compute_device_for(module: nn.Module) -> torch.device:
             )
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def check_layers_placeable(layers: nn.ModuleList) -> None:
+    """Raise now, before any layer is touched, if some decoder layer cannot be run where it sits (the check
+    ``compute_device_for`` makes layer by layer): a long job must not fail halfway, with half the layers pruned."""
+    for layer in layers:
+        compute_device_for(layer)
 
 
 @contextlib.contextmanager
@@ -191,6 +199,7 @@ def capture_layer_inputs(
     """Run the model up to decoder layer 0 on each batch of ``input_ids`` and keep what layer 0 receives.
     A GPU out-of-memory error restarts the capture with half the batch size (down to 1)."""
     check_one_mask_for_every_layer(model.config)  # layer 0's mask is handed to every layer
+    check_layers_placeable(adapter.layers(model))
     return retry_with_half_batch(
         lambda size: _capture(model, adapter, input_ids, size, store), batch_size, "capturing layer-0 inputs"
     )

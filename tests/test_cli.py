@@ -516,7 +516,7 @@ def test_zero_shot_tasks_are_checked_before_loading(problem, tiny_opt, tmp_path,
 
     monkeypatch.setattr(loading, "load_config", must_not_load)
     if problem == "unknown task":
-        extra, fragment = ("--zero_shot_tasks", "boolq,no_such_task"), "no task 'no_such_task'"
+        extra, fragment = ("--zero_shot_tasks", "boolq, no_such_task,arc_e*"), "no task 'no_such_task', 'arc_e*'"
     else:
         extra, fragment = ("--zero_shot_include_path", str(tmp_path / "absent")), "no such directory"
     code = run_main(prune_argv(tiny_opt, "--eval_zero_shot", *extra))

@@ -149,9 +149,85 @@ def test_hub_loader_errors_are_wrapped(tok, monkeypatch):
 
     monkeypatch.setattr(data, "_hub_offline", lambda: True)  # cache-only mode: no probe, load_dataset decides
     monkeypatch.setattr(datasets, "load_dataset", refuse)
-    with pytest.raises(DataError, match=r"could not load 'c4' train split \(ConnectionError.*local text file") as err:
+    with pytest.raises(DataError, match=r"could not load 'c4' train split from .*\(ConnectionError.*local text") as err:
         get_calibration_ids("c4", tok, nsamples=1, seqlen=8)
     assert "\n" not in str(err.value)
+
+
+def test_hub_datasets_come_from_the_datasets_cache_then_cache_dir(tok, monkeypatch, tmp_path):
+    """Wanda passes --cache_dir to the model only: its datasets live in HF_DATASETS_CACHE. Both are searched."""
+    import datasets
+
+    tried = []
+
+    def cached_only_in(where):
+        def load(*args, cache_dir=None, **kwargs):
+            tried.append(cache_dir)
+            if cache_dir != where:
+                raise ConnectionError("not cached here")
+            return {"text": ["", " A cached train split , long enough for windows . \n"] * 20}
+
+        return load
+
+    monkeypatch.setattr(data, "_hub_offline", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", cached_only_in(None))
+    get_calibration_ids("wikitext2", tok, nsamples=1, seqlen=8, cache_dir=tmp_path / "llm_weights")
+    assert tried == [None]  # the datasets cache, as Wanda loads it
+    tried.clear()
+    monkeypatch.setattr(datasets, "load_dataset", cached_only_in(str(tmp_path / "llm_weights")))
+    get_calibration_ids("wikitext2", tok, nsamples=1, seqlen=8, cache_dir=tmp_path / "llm_weights")
+    assert tried == [None, str(tmp_path / "llm_weights")]
+    monkeypatch.setattr(datasets, "load_dataset", cached_only_in("elsewhere"))
+    with pytest.raises(DataError, match=str(datasets.config.HF_DATASETS_CACHE)) as err:
+        get_calibration_ids("wikitext2", tok, nsamples=1, seqlen=8, cache_dir=tmp_path / "llm_weights")
+    assert str(tmp_path / "llm_weights") in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["c4-train.00000-of-01024.json", "c4-train.00000-of-01024.json.gz", "docs.jsonl"])
+def test_local_json_documents_are_sampled_as_wanda_samples_c4(name, tok, tmp_path):
+    """The C4 shard as published (JSON Lines, gzip, under a .json name) gives the windows --calib_dataset c4 would."""
+    import gzip
+
+    docs = [{"text": f"doc {i} " + "x" * (i % 5) * 30 + f" end {i}", "url": f"u{i}"} for i in range(50)]
+    lines = "".join(json.dumps(d) + "\n" for d in docs)
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(lines.encode()) if name.endswith(".gz") else lines.encode())
+    seqlen, nsamples, seed = 64, 6, 5
+    out = get_calibration_ids(path, tok, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    random.seed(seed)  # Wanda's get_c4 loop, verbatim logic
+    expected = []
+    for _ in range(nsamples):
+        while True:
+            enc = tok(docs[random.randint(0, len(docs) - 1)]["text"], return_tensors="pt").input_ids
+            if enc.shape[1] > seqlen:
+                break
+        i = random.randint(0, enc.shape[1] - seqlen - 1)
+        expected.append(enc[0, i : i + seqlen])
+    assert torch.equal(out, torch.stack(expected))
+
+
+def test_a_byte_order_mark_is_not_text(tok, tmp_path):
+    for name, body in (("a.txt", TEXT), ("b.json", json.dumps([TEXT]))):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+        assert torch.equal(get_eval_ids(path, tok)[0], full_ids(tok))
+
+
+@pytest.mark.parametrize("which", ["byte-level", "opt"])
+def test_a_long_text_tokenized_in_pieces_gives_the_ids_of_one_call(which, tok, monkeypatch):
+    if which == "opt":
+        if not (SHARED_DATA / "gpt2_tokenizer").is_dir():
+            pytest.skip(f"shared test data not found at {SHARED_DATA}")
+        from pruning.tokenizers import build_opt_tokenizer
+
+        tok = build_opt_tokenizer(SHARED_DATA / "gpt2_tokenizer")
+        text = (SHARED_DATA / "wikitext2" / "wiki.test.raw.joined.txt").read_text()[:200_000]
+    else:
+        text = TEXT * 20 + "\n\n   indented line\n\tand a tab\n" + TEXT
+    whole = data.tokenize(tok, text)
+    monkeypatch.setattr(data, "TOKENIZE_PIECE_CHARS", 997)
+    pieces = data.tokenize(tok, text)
+    assert pieces.dtype == torch.long and torch.equal(pieces, whole)
 
 
 def fake_hub(monkeypatch, splits: dict) -> list:

@@ -446,3 +446,15 @@ def test_layers_with_different_attention_masks_are_refused():
     eval_ids = torch.randint(0, 96, (1, 64), generator=torch.Generator().manual_seed(2))
     with pytest.raises(UnsupportedModelError, match="mixes attention types"):
         layerwise_perplexity(model, get_adapter(model), eval_ids, seqlen=32, batch_size=1)
+
+
+def test_layers_accelerate_left_off_the_gpus_are_refused_before_any_pruning():
+    """--device_map auto on a model too large for the GPUs leaves later layers as meta tensors: the run must stop
+    before layer 0 is pruned, not when it reaches them."""
+    model = tiny_llama()
+    before = {name: lin.weight.clone() for name, lin in linears(model).items()}
+    model.model.layers[1].to("meta")
+    with pytest.raises(ValueError, match="left some decoder layers off the GPUs"):
+        pruning.prune_model(model, calibration_ids(), "wanda", 0.5)
+    assert all(torch.equal(model.model.layers[0].get_submodule(name[2:]).weight, w)
+               for name, w in before.items() if name.startswith("0."))  # fmt: skip
