@@ -28,6 +28,18 @@ def _model_list(text: str) -> tuple[str, ...] | None:
     return () if text == "none" else tuple(name for name in text.split(",") if name)
 
 
+def _token_counts(text: str | None) -> tuple[int, ...] | None:
+    """None: the suite's default; (): no per-Linear part."""
+    if text is None:
+        return None
+    if text == "none":
+        return ()
+    counts = tuple(int(part) for part in text.split(",") if part)
+    if not counts or min(counts) < 1:
+        raise ValueError(text)
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("suites", nargs="*", default=list(SUITES), help=f"suites to run (default: all of {SUITES})")
@@ -42,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         help="inference: comma-separated models for the whole-model part ('none': per-Linear part only)",
     )
     parser.add_argument(
+        "--linear-tokens",
+        default=None,
+        help="inference: comma-separated row counts M for the per-Linear part ('none': skip it; default: "
+        "1,4,8,16,32,128,2048,8192)",
+    )
+    parser.add_argument(
         "--no-fuse",
         action="store_true",
         help="inference: run transformers' layers as written (no one-kernel RMSNorm/rotary, no fused q/k/v)",
@@ -53,11 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.suites) - set(SUITES))
     if unknown:
         parser.error(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+    try:
+        linear_tokens = _token_counts(args.linear_tokens)
+    except ValueError:
+        parser.error(f"--linear-tokens {args.linear_tokens!r}: expected comma-separated positive integers or 'none'")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     from bench import inference, kernels
     from bench.records import default_results_path, environment, write_jsonl
-    from bench.report import format_table
+    from bench.report import format_table, log_record
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     smoke = args.smoke or device.type != "cuda"
@@ -67,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "kernels": lambda: kernels.run(device, smoke=smoke, reps=3 if smoke else args.reps),
         "e2e": lambda: e2e.iter_from_args(device, smoke, args),
         "inference": lambda: inference.run(
-            device, smoke, models=_model_list(args.inference_models), fuse=not args.no_fuse
+            device, smoke, models=_model_list(args.inference_models), fuse=not args.no_fuse, tokens=linear_tokens
         ),
     }
     records = []
@@ -76,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             record = {**r, **env, "mode": "smoke" if smoke else "gpu"}
             write_jsonl([record], out)  # one at a time: a run cut off by a timeout keeps what it measured
             records.append(record)
+            log_record(record)
     print(format_table(records))
     print(f"\n{len(records)} records appended to {out}")
     if not all(r["correct"] in (True, None) for r in records):

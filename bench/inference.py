@@ -1,10 +1,12 @@
 """2:4 sparse inference against dense, through the same runners: is 2:4 actually faster?
 
 Two parts, both measured in one run on one device:
-  linear   per-Linear microbenchmark on real FFN/attention shapes, M in {1, 16, 128, 2048, 8192} rows:
+  linear   per-Linear microbenchmark on real FFN/attention shapes, M in LINEAR_TOKENS rows (1 ... 8192):
            dense cuBLAS (F.linear), cuSPARSELt (Sparse24Linear's large-M path), our Triton 2:4 GEMV (M <= 128)
            and Sparse24Linear's automatic choice. Each op is timed inside a CUDA graph
-           (triton.testing.do_bench_cudagraph) so host overhead is excluded for every provider alike.
+           (triton.testing.do_bench_cudagraph) so host overhead is excluded for every provider alike. At
+           M <= 128 each timed call cycles through copies of the weight totalling ROTATION_BYTES, so that no
+           provider is served from L2 (a 2:4 weight that fits in L2 where the dense one does not would gain).
   model    whole random-weight models (OPT-6.7B, OPT-13B, a LLaMA-7B-shaped model), pruned 2:4 by magnitude
            (the pattern, not the values, decides speed), run dense-with-zeros and then compressed in place
            to Sparse24Linear: prefill B x T in {1x2048, 8x2048} through PrefillRunner (CUDA graph), and
@@ -25,6 +27,7 @@ import functools
 import gc
 import logging
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +50,8 @@ DECODE_CONTEXT = 512
 DECODE_STEPS = 64
 LOGITS_RTOL = 1e-2
 LINEAR_RTOL = 5e-3  # per-Linear outputs, relative Frobenius error against dense F.linear
+ROTATE_MAX_TOKENS = 128  # memory-bound sizes: weights rotate past L2 (H100 50 MB, H200 60 MB)
+ROTATION_BYTES = 256 << 20  # of dense weight copies; the 2:4 copies of them hold 0.5625x that
 
 SMOKE_LINEARS = [("smoke", (32, 64))]
 SMOKE_TOKENS = (1, 4, 32)
@@ -128,14 +133,27 @@ def prune_24_(model: nn.Module) -> None:
 # --- timing ----------------------------------------------------------------------------------------
 
 
-def _time_graphed(fn, device: torch.device, reps: int) -> dict:
-    """Median/p20/p80 ms with host overhead removed (CUDA graph) on a GPU; a plain timer on CPU."""
+def _time_graphed(fn, device: torch.device, reps: int, calls_per_fn: int = 1) -> dict:
+    """Median/p20/p80 ms per call with host overhead removed (CUDA graph) on a GPU; a plain timer on CPU.
+    ``fn`` makes ``calls_per_fn`` calls (one per weight copy, see ROTATION_BYTES)."""
     if device.type != "cuda":
-        return time_op(fn, device=device, reps=reps)
-    import triton.testing
+        timing = time_op(fn, device=device, reps=reps)
+    else:
+        import triton.testing
 
-    median, p20, p80 = triton.testing.do_bench_cudagraph(fn, rep=max(20, 5 * reps), quantiles=[0.5, 0.2, 0.8])
-    return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "reps": reps}
+        median, p20, p80 = triton.testing.do_bench_cudagraph(fn, rep=max(20, 5 * reps), quantiles=[0.5, 0.2, 0.8])
+        timing = {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "reps": reps}
+    for key in ("median_ms", "p20_ms", "p80_ms"):
+        timing[key] /= calls_per_fn
+    return {**timing, "weight_copies": calls_per_fn}
+
+
+def _each(fns: list) -> object:
+    """Call every function in turn (one per weight copy); the last result."""
+    out = None
+    for fn in fns:
+        out = fn()
+    return out
 
 
 def _record(op, provider, label, shape, dtype, timing, reference_ms, correct, **extra) -> dict:
@@ -150,35 +168,56 @@ def _record(op, provider, label, shape, dtype, timing, reference_ms, correct, **
 # --- per-Linear microbenchmark -----------------------------------------------------------------------
 
 
-def bench_linears(device: torch.device, smoke: bool, dtype: torch.dtype, reps: int) -> list[dict]:
+def _weight_copies(n_tokens: int, n_out: int, n_in: int, dtype: torch.dtype, smoke: bool) -> int:
+    """How many copies of the weight one timed call cycles through: enough to leave L2 at memory-bound sizes."""
+    if smoke or n_tokens > ROTATE_MAX_TOKENS:
+        return 1
+    dense_bytes = n_out * n_in * torch.finfo(dtype).bits // 8
+    return max(1, -(-ROTATION_BYTES // dense_bytes))
+
+
+def bench_linears(
+    device: torch.device, smoke: bool, dtype: torch.dtype, reps: int, tokens: tuple[int, ...] | None = None
+) -> Iterator[dict]:
     from pruning.methods import prune_magnitude_
     from pruning.sparse24 import Sparse24Linear
     from wanda_kernels.sparse24_mm import last_tuned_config, sparse24_linear
 
     cases = SMOKE_LINEARS if smoke else [(f"{m}.{n}", linear_shape(m, n)) for m, n in LINEAR_CASES]
-    records = []
     for label, (n_out, n_in) in cases:
         gen = torch.Generator(device=device).manual_seed(0)
         linear = nn.Linear(n_in, n_out, bias=False, device=device, dtype=dtype)
         linear.weight.data.normal_(0, 0.02, generator=gen)
         prune_magnitude_(linear.weight.data, 0.5, 2, 4, backend="triton" if device.type == "cuda" else "torch")
         sparse = Sparse24Linear.from_linear(linear)
-        for n_tokens in SMOKE_TOKENS if smoke else LINEAR_TOKENS:
+        weights, modules = [linear.weight.data], [sparse]  # grown to the copies a token count needs
+        for n_tokens in tokens or (SMOKE_TOKENS if smoke else LINEAR_TOKENS):
+            n_copies = _weight_copies(n_tokens, n_out, n_in, dtype, smoke)
+            while len(modules) < n_copies:
+                weights.append(weights[0].clone())
+                copy = Sparse24Linear.from_linear(linear)
+                # The same shape: the first module's choices (backend per row count, cuSPARSELt algorithm)
+                # hold for every copy, and are not searched again.
+                copy._backends, copy._cslt_alg = sparse._backends, sparse._cslt_alg
+                modules.append(copy)
             x = torch.randn(n_tokens, n_in, generator=gen, device=device).to(dtype)
             with torch.no_grad():
                 want = F.linear(x, linear.weight)
-                providers = {"dense": functools.partial(F.linear, x, linear.weight)}
+                providers = {"dense": [functools.partial(F.linear, x, w) for w in weights[:n_copies]]}
                 if device.type == "cuda":
-                    providers["cusparselt"] = functools.partial(sparse._cusparselt_linear, x)
+                    providers["cusparselt"] = [functools.partial(m._cusparselt_linear, x) for m in modules[:n_copies]]
                     if torch.cuda.get_device_capability(device)[0] == 8:
-                        providers["cutlass"] = functools.partial(sparse._cutlass_linear, x)
+                        providers["cutlass"] = [functools.partial(m._cutlass_linear, x) for m in modules[:n_copies]]
                 if n_tokens <= 128:
-                    providers["triton_24"] = functools.partial(sparse24_linear, x, sparse.values, sparse.meta)
-                providers["sparse24_auto"] = functools.partial(sparse, x)
+                    providers["triton_24"] = [
+                        functools.partial(sparse24_linear, x, m.values, m.meta) for m in modules[:n_copies]
+                    ]
+                providers["sparse24_auto"] = [functools.partial(m, x) for m in modules[:n_copies]]
                 timings = {}
-                for provider, fn in providers.items():
+                for provider, fns in providers.items():
                     try:
-                        got = fn()
+                        got = fns[0]()  # the first copy decides (autotuning, compression, algorithm search)
+                        _each(fns)
                     except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
                         log.warning("inference: %s fails on %s M=%d: %s", provider, label, n_tokens, err)
                         continue  # a missing library or unsupported GPU: no record rather than no benchmark
@@ -190,15 +229,16 @@ def bench_linears(device: torch.device, smoke: bool, dtype: torch.dtype, reps: i
                     extra = {}
                     if provider == "triton_24":  # which path and tile the autotuner measured best here
                         extra["kernel_config"] = last_tuned_config()
-                    timings[provider] = (_time_graphed(fn, device, reps), correct, extra)
+                    timing = _time_graphed(functools.partial(_each, fns), device, reps, len(fns))
+                    timings[provider] = (timing, correct, extra)
             dense_ms = timings["dense"][0]["median_ms"]
             for provider, (timing, correct, extra) in timings.items():
-                records.append(
-                    _record("linear", provider, label, (n_tokens, n_out, n_in), dtype, timing, dense_ms, correct,
-                            **extra)
-                )  # fmt: skip
-        del linear, sparse
-    return records
+                yield _record("linear", provider, label, (n_tokens, n_out, n_in), dtype, timing, dense_ms, correct,
+                              **extra)  # fmt: skip
+        del linear, sparse, weights, modules
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 # --- whole models ---------------------------------------------------------------------------------------
@@ -255,23 +295,24 @@ def _profile_decode_steps(decoder, steps: int = 4) -> dict:
 AGREEMENT_PROMPT, AGREEMENT_TOKENS = 32, 8
 
 
-def _agreement_with_eager(model, short_prompt: torch.Tensor, graphed_tokens: torch.Tensor) -> float:
+def _agreement_with_eager(model, short_prompt: torch.Tensor, graphed_tokens: torch.Tensor, max_len: int) -> float:
     """The fraction of greedy tokens an eager decoder produces alike the timed (graphed) one did from the same
-    short prompt: the same kernels, so 1.0 unless the graph replays something else than the step (a stale
-    position, a cache written in the wrong place)."""
+    short prompt, with a cache of the same length: the same kernels, so 1.0 unless the graph replays something
+    else than the step (a stale position, a cache written in the wrong place)."""
     from pruning.runner import GreedyDecoder
 
-    batch, prompt_len = short_prompt.shape
-    eager = GreedyDecoder(model, batch, prompt_len + graphed_tokens.shape[1] + 1, use_graph=False)
-    return float((eager.generate(short_prompt, graphed_tokens.shape[1]) == graphed_tokens).float().mean())
+    eager = GreedyDecoder(model, short_prompt.shape[0], max_len, use_graph=False)
+    agreement = float((eager.generate(short_prompt, graphed_tokens.shape[1]) == graphed_tokens).float().mean())
+    del eager
+    gc.collect()  # the decoder and its cache layers refer to each other: free the cache now
+    return agreement
 
 
-def _measure_model(model, label, provider, device, dtype, smoke, reps, reference: dict, fused: dict) -> list[dict]:
+def _measure_model(model, label, provider, device, dtype, smoke, reps, reference: dict, fused: dict) -> Iterator[dict]:
     from pruning.runner import GreedyDecoder, PrefillRunner
 
     vocab = model.config.vocab_size
     gen = torch.Generator(device="cpu").manual_seed(0)
-    records = []
     for batch, seqlen in SMOKE_PREFILL if smoke else PREFILL_SHAPES:
         ids = torch.randint(0, vocab, (batch, seqlen), generator=gen).to(device)
         runner = PrefillRunner(model, batch, seqlen)
@@ -285,17 +326,19 @@ def _measure_model(model, label, provider, device, dtype, smoke, reps, reference
             want = reference[key]["logits"]
             correct = correct and bool(((logits - want).norm() / want.norm()) < LOGITS_RTOL)
         timing = time_op(functools.partial(runner, ids), device=device, reps=reps, warmup=1)
+        runner_graphed = runner.use_graph
         tokens_per_s = batch * seqlen / (timing["median_ms"] * 1e-3)
         ref_ms = reference[key]["median_ms"] if key in reference else None
-        records.append(_record("prefill", provider, label, (batch, seqlen), dtype, timing, ref_ms, correct,
-                               tokens_per_s=tokens_per_s, cuda_graph=runner.use_graph,
-                               graph_vs_eager_error=graph_error, fused_small_ops=fused))  # fmt: skip
         reference.setdefault(key, {"logits": logits, "median_ms": timing["median_ms"]})
         del runner
+        yield _record("prefill", provider, label, (batch, seqlen), dtype, timing, ref_ms, correct,
+                      tokens_per_s=tokens_per_s, cuda_graph=runner_graphed,
+                      graph_vs_eager_error=graph_error, fused_small_ops=fused)  # fmt: skip
     context, steps = (SMOKE_CONTEXT, SMOKE_STEPS) if smoke else (DECODE_CONTEXT, DECODE_STEPS)
     for batch in DECODE_BATCHES:
         prompt = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
-        decoder = GreedyDecoder(model, batch, context + steps + 8)  # + the profiled steps
+        max_len = context + steps + 8  # + the profiled steps
+        decoder = GreedyDecoder(model, batch, max_len)
         decoder.prefill(prompt)
         decoder.step()  # captures the graph (GPU) outside the timed region
         if device.type == "cuda":
@@ -310,26 +353,28 @@ def _measure_model(model, label, provider, device, dtype, smoke, reps, reference
         use_graph = decoder.use_graph
         short_prompt = prompt[:, :AGREEMENT_PROMPT]
         graphed_tokens = decoder.generate(short_prompt, AGREEMENT_TOKENS)  # replays after a fresh prefill
-        del decoder  # its cache is the large one
-        agreement = _agreement_with_eager(model, short_prompt, graphed_tokens)
+        del decoder
+        gc.collect()  # the decoder and its cache layers refer to each other: free the large cache now
+        agreement = _agreement_with_eager(model, short_prompt, graphed_tokens, max_len)
         timing = {"median_ms": ms_per_token, "p20_ms": ms_per_token, "p80_ms": ms_per_token, "reps": steps}
         key = ("decode", batch)
         ref_ms = reference[key]["median_ms"] if key in reference else None
-        records.append(_record("decode", provider, label, (batch, context), dtype, timing, ref_ms, agreement == 1.0,
-                               tokens_per_s=batch * 1e3 / ms_per_token, cuda_graph=use_graph,
-                               graph_token_agreement=agreement, fused_small_ops=fused,
-                               kernel_profile=profile))  # fmt: skip
-        reference.setdefault(key, {"median_ms": ms_per_token})
-    return records
+        # The 2:4 model's greedy tokens against the dense-with-zeros model's (recorded, not a check: fp16
+        # near-ties between two correct kernels may flip a token and everything after it).
+        vs_dense = float((graphed_tokens == reference[key]["tokens"]).float().mean()) if key in reference else None
+        reference.setdefault(key, {"median_ms": ms_per_token, "tokens": graphed_tokens})
+        yield _record("decode", provider, label, (batch, context), dtype, timing, ref_ms, agreement == 1.0,
+                      tokens_per_s=batch * 1e3 / ms_per_token, cuda_graph=use_graph,
+                      graph_token_agreement=agreement, token_agreement_with_dense=vs_dense,
+                      fused_small_ops=fused, kernel_profile=profile)  # fmt: skip
 
 
 def bench_models(
     device: torch.device, smoke: bool, dtype: torch.dtype, reps: int, models=None, fuse: bool = True
-) -> list[dict]:
+) -> Iterator[dict]:
     from pruning.fusion import fuse_projections_, fuse_small_ops_
     from pruning.sparse24 import compress_model_24
 
-    records = []
     for name in SMOKE_MODELS if smoke else (MODEL_NAMES if models is None else models):
         if not smoke and name not in MODELS:
             raise ValueError(f"unknown model {name!r} for the inference suite; known: {', '.join(MODELS)}")
@@ -345,22 +390,29 @@ def bench_models(
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             try:
-                records += _measure_model(model, name, provider, device, dtype, smoke, reps, reference, fused)
+                yield from _measure_model(model, name, provider, device, dtype, smoke, reps, reference, fused)
             except (RuntimeError, ValueError) as err:  # keep the other models' numbers; the failure is a record
                 log.exception("inference: %s %s failed", name, provider)
                 timing = {"median_ms": None, "p20_ms": None, "p80_ms": None, "reps": 0}
-                records.append(_record("model", provider, name, (), dtype, timing, None, False, error=str(err)[:500]))
+                yield _record("model", provider, name, (), dtype, timing, None, False, error=str(err)[:500])
         del model, reference
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return records
 
 
 def run(
-    device: torch.device, smoke: bool, reps: int = 10, models: tuple[str, ...] | None = None, fuse: bool = True
-) -> list[dict]:
-    """Per-Linear then whole-model records; ``models`` overrides MODEL_NAMES (() = per-Linear only)."""
+    device: torch.device,
+    smoke: bool,
+    reps: int = 10,
+    models: tuple[str, ...] | None = None,
+    fuse: bool = True,
+    tokens: tuple[int, ...] | None = None,
+) -> Iterator[dict]:
+    """Per-Linear then whole-model records, each yielded as soon as it is measured; ``models`` overrides
+    MODEL_NAMES (() = per-Linear only); ``tokens`` the per-Linear row counts (() = no per-Linear part)."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     reps = min(reps, 10)
-    return bench_linears(device, smoke, dtype, reps) + bench_models(device, smoke, dtype, reps, models, fuse)
+    if tokens != ():
+        yield from bench_linears(device, smoke, dtype, reps, tokens)
+    yield from bench_models(device, smoke, dtype, reps, models, fuse)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterator
 
 import torch
 
@@ -105,14 +106,13 @@ def _record(op, provider, label, shape, dtype, timing, nbytes, reference_ms, cop
 PRUNE_PROVIDERS = {"ours": wk.wanda_prune_, "torch_vectorized": vectorized_prune_, "locuslab": locuslab_prune_}
 
 
-def run(device: torch.device, smoke: bool, dtype: torch.dtype = torch.float16, reps: int = 20) -> list[dict]:
-    records: list[dict] = []
+def run(device: torch.device, smoke: bool, dtype: torch.dtype = torch.float16, reps: int = 20) -> Iterator[dict]:
+    """Each shape's records as soon as they are measured (a run cut off by a time limit keeps them)."""
     gen = torch.Generator(device=device).manual_seed(0)
     for label, shape in _cases(smoke):
         log.info("kernels: %s [%d x %d]", label, *shape)
-        records += _bench_matrix(label, shape, dtype, device, gen, reps)
-        records += _bench_sq_norms(label, shape[1], 64 if smoke else 8192, dtype, device, gen, reps)
-    return records
+        yield from _bench_matrix(label, shape, dtype, device, gen, reps)
+        yield from _bench_sq_norms(label, shape[1], 64 if smoke else 8192, dtype, device, gen, reps)
 
 
 def _bench_matrix(label, shape, dtype, device, gen, reps) -> list[dict]:

@@ -5,6 +5,7 @@ One table per suite, in order of first appearance, each with the columns that su
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -86,9 +87,31 @@ def _table(records: list[dict], columns: list[Column]) -> str:
     return "\n".join(lines)
 
 
+def _superseded(records: list[dict]) -> list[dict]:
+    """Drop each record marked ``compared: False`` (written before its reference ran) that a later record of the
+    same op, provider and label completes."""
+
+    def key(r: dict) -> tuple:
+        return r.get("suite"), r.get("op"), r.get("provider"), r.get("label")
+
+    kept = []
+    for i, r in enumerate(records):
+        if r.get("compared") is False and any(key(later) == key(r) for later in records[i + 1 :]):
+            continue
+        kept.append(r)
+    return kept
+
+
+def log_record(record: dict) -> None:
+    """One line per record as it is measured (the log then holds the numbers even if the JSON file is lost)."""
+    columns = COLUMNS_BY_SUITE.get(record.get("suite"), COLUMNS)
+    cells = [f"{name}={_cell(name, fmt, record.get(name))}" for name, fmt in columns if record.get(name) is not None]
+    logging.getLogger("bench").info("record: %s", " ".join(cells))
+
+
 def format_table(records: list[dict]) -> str:
     by_suite: dict[str | None, list[dict]] = {}
-    for r in records:
+    for r in _superseded(records):
         by_suite.setdefault(r.get("suite"), []).append(r)
     if not by_suite:
         return _table([], COLUMNS)

@@ -138,7 +138,8 @@ class Sparse24Linear(nn.Module):
                 return candidates[0]
             backend = self._backends[key] = self._pick_backend(x, candidates)
             if backend == "triton" and "cusparselt" not in self._backends.values():
-                self._cslt_weight, self._cslt_alg = None, {}  # only tried: free its copy of the weight
+                self._cslt_weight = None  # only tried: free its copy of the weight
+                self._cslt_alg.clear()  # in place: copies of this module may share the dict (bench)
         return backend
 
     def _pick_backend(self, x: torch.Tensor, candidates: list[str]) -> str:

@@ -28,7 +28,12 @@ def _records(path) -> list[dict]:
 def test_smoke_run_writes_complete_records(tmp_path, capsys):
     out = tmp_path / "e2e.jsonl"
     assert main(["e2e", "--smoke", "--out", str(out)]) == 0
-    records = _records(out)
+    written = _records(out)
+    early = [r for r in written if r.get("compared") is False]  # ours, written before the reference ran
+    records = [r for r in written if r.get("compared") is not False]
+    assert [(r["op"], r["seconds"]) for r in early] == [
+        (r["op"], r["seconds"]) for r in records if r["provider"] == "ours"
+    ]  # superseded by the complete record of the same measurement
     ops = {(r["op"], r["provider"]) for r in records}
     for op in ("prune_wanda_unstructured", "prune_wanda_2:4", "prune_sparsegpt_unstructured"):
         assert {(op, "ours"), (op, "locuslab")} <= ops

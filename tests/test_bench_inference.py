@@ -12,8 +12,9 @@ from bench import inference
 def test_inference_smoke_records():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Sparse24Linear's one-time "dense on CPU" warning
-        records = inference.run(torch.device("cpu"), smoke=True, reps=2)
+        records = list(inference.run(torch.device("cpu"), smoke=True, reps=2))
     linear = [r for r in records if r["op"] == "linear"]
+    assert all(r["weight_copies"] == 1 for r in linear)  # smoke: no L2 to leave
     assert {r["provider"] for r in linear} == {"dense", "triton_24", "sparse24_auto"}
     assert all(r["correct"] for r in linear)
     for model in inference.SMOKE_MODELS:
@@ -40,6 +41,8 @@ def test_inference_smoke_records():
         }
         assert all(r["tokens_per_s"] > 0 and r["speedup_vs_reference"] or r["provider"] == "dense" for r in decode)
         assert all(r["graph_token_agreement"] == 1.0 and r["correct"] is True for r in decode)
+        # Recorded for the 2:4 model against the dense-with-zeros one (CPU: the same dense weights, so equal).
+        assert [r["token_agreement_with_dense"] for r in decode if r["provider"] == "sparse24"] == [1.0, 1.0]
 
 
 def test_random_llama_is_a_working_model():
@@ -84,3 +87,29 @@ def test_decode_profile_is_printed_compactly():
     failed, absent = {**record, "kernel_profile": {"error": "no CUPTI"}}, {**record, "kernel_profile": None}
     table = format_table([record, failed, absent])
     assert "2 kernels, linear 15 us, attention 2 us, other 1 us" in table and "profile failed" in table
+
+
+def test_records_are_yielded_as_they_are_measured(monkeypatch):
+    """A run cut off by a time limit keeps what it measured: the first per-Linear record comes out before any
+    whole model is built, and the kernels suite hands over each shape's records before the next shape."""
+    from bench import kernels
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the whole-model part ran before the first record was handed over")
+
+    monkeypatch.setattr(inference, "build_model", must_not_build)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = next(inference.run(torch.device("cpu"), smoke=True, reps=2))
+    assert first["op"] == "linear"
+    shapes = iter(kernels.SMOKE_SUITE)
+    monkeypatch.setattr(kernels, "_cases", lambda smoke: [next(shapes), ("never", (0, 0))])
+    stream = kernels.run(torch.device("cpu"), smoke=True, reps=2)
+    assert next(stream)["suite"] == "kernels"
+
+
+def test_memory_bound_timings_cycle_through_weight_copies_past_l2():
+    fp16 = torch.float16
+    assert inference._weight_copies(1, 4096, 4096, fp16, smoke=False) == 8  # 32 MiB each: 256 MiB in all
+    assert inference._weight_copies(1, 20480, 5120, fp16, smoke=False) == 2
+    assert inference._weight_copies(2048, 4096, 4096, fp16, smoke=False) == 1  # compute-bound: no rotation
