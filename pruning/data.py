@@ -273,9 +273,7 @@ def _load_hub_split(source: str, split: str, cache_dir: str | Path | None) -> An
     raise AssertionError("unreachable")
 
 
-def _c4_calibration(
-    docs: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int, what: str = "c4"
-) -> torch.Tensor:
+def _c4_calibration(docs: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int, what: str = "c4") -> torch.Tensor:
     """Wanda's C4 sampling: random documents longer than seqlen tokens, one random window from each. ``docs``:
     rows with a "text" field (a datasets.Dataset) or plain strings."""
     rng = random.Random(seed)
