@@ -12,10 +12,12 @@ setup(
     packages=find_packages(include=["wanda_kernels", "wanda_kernels.*", "pruning", "pruning.*"]),
     package_data={"pruning": ["assets/*"]},
     install_requires=[
-        # Not pinned: GPU users keep the CUDA build of torch they already have.
-        "torch>=2.3",
+        # Not pinned: GPU users keep the CUDA build of torch they already have. Tested: torch 2.11 and 2.13,
+        # triton 3.6 and 3.9, transformers 5.17 and 5.24 (CI runs both stacks).
+        "torch>=2.5",  # torch.OutOfMemoryError
         "triton",
-        "transformers>=4.56",  # the dtype= keyword of from_pretrained
+        "transformers>=5.17",  # its cache layers, masks and rope_parameters, which the runners and llama2c use
+        "tokenizers",
         "accelerate",
         "datasets",
         "safetensors",

@@ -48,7 +48,9 @@ class _LayerOps(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def _kernels_counted_once(mode: _LayerOps):
+def _kernels_counted_once(*modes: _LayerOps):
+    """Each of our kernels counted as one operation by every active mode. Must be entered before the decoder is
+    built: it picks its cache-write function once, at construction."""
     import importlib
 
     originals = []
@@ -57,13 +59,15 @@ def _kernels_counted_once(mode: _LayerOps):
         original = getattr(module, function_name)
 
         def counted(*args, _original=original, _name=function_name, **kwargs):
-            if mode.active:
-                mode.ops.append(f"triton:{_name}")
-            mode.inside_kernel += 1
+            for mode in modes:
+                if mode.active and not mode.inside_kernel:
+                    mode.ops.append(f"triton:{_name}")
+                mode.inside_kernel += 1
             try:
                 return _original(*args, **kwargs)
             finally:
-                mode.inside_kernel -= 1
+                for mode in modes:
+                    mode.inside_kernel -= 1
 
         setattr(module, function_name, counted)
         originals.append((module, function_name, original))
@@ -99,9 +103,7 @@ def layer_ops(family: str, small_ops: bool, projections: bool) -> tuple[list[str
         fuse_small_ops_(model)
     if projections:
         fuse_projections_(model)
-    decoder = GreedyDecoder(model, batch=1, max_len=16, use_graph=False)
-    decoder.prefill(torch.randint(0, 96, (1, 4), generator=torch.Generator().manual_seed(0)))
-    mode = _LayerOps()
+    mode, whole = _LayerOps(), _LayerOps()
     layer = get_adapter(model).layers(model)[1]
 
     def enter(*_) -> None:  # a pre-hook's return value would replace the layer's inputs
@@ -112,15 +114,16 @@ def layer_ops(family: str, small_ops: bool, projections: bool) -> tuple[list[str
         mode.__exit__(None, None, None)
         mode.active = False
 
-    hooks = [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave)]
-    with _kernels_counted_once(mode):
+    with _kernels_counted_once(mode, whole):
+        decoder = GreedyDecoder(model, batch=1, max_len=16, use_graph=False)
+        decoder.prefill(torch.randint(0, 96, (1, 4), generator=torch.Generator().manual_seed(0)))
+        hooks = [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave)]
         decoder.step()
-    for hook in hooks:
-        hook.remove()
-    whole = _LayerOps()
-    whole.active = True
-    with _kernels_counted_once(whole), whole:
-        decoder.step()
+        for hook in hooks:
+            hook.remove()
+        whole.active = True
+        with whole:
+            decoder.step()
     n_layers = len(get_adapter(model).layers(model))
     return mode.ops, len(whole.ops) - n_layers * len(mode.ops)
 

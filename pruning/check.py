@@ -1,4 +1,4 @@
-"""``wanda-prune check MODEL``: what to run before a long job.
+"""wanda-prune check MODEL: what to run before a long job.
 
 Loads the model and tokenizer, shows the architecture, the decoder-layer path and the Linear shapes,
 generates a few tokens, and validates the weights (dtype, no NaN/inf, how many exact zeros already).
@@ -30,7 +30,7 @@ def run_check(argv: list[str]) -> int:
     print(f"model        {args.model}")
     print(f"architecture {config.model_type} ({adapter.family} adapter), layers at model.{adapter.layers_path}")
     tokenizer = load_tokenizer(args.model, args.cache_dir)
-    model = load_model(args.model, args.cache_dir, args.dtype, offload=True)
+    model = load_model(args.model, args.cache_dir, args.dtype)  # on the GPU when it fits, as the run will be
     layers = adapter.layers(model)
     print(f"layers       {len(layers)} decoder layers; Linear shapes [out x in] of layer 0:")
     for name, module in layers[0].named_modules():

@@ -34,6 +34,10 @@ def build_tiny_opt(directory: Path, seed: int = 0) -> Path:
 def run_demo(argv: list[str]) -> int:
     from pruning.cli import build_parser, run_prune
 
+    if argv in (["-h"], ["--help"]):
+        print("usage: wanda-prune demo\n\nPrune a tiny random-weight OPT built offline with every method, end to end "
+              "(no arguments, no network).")  # fmt: skip
+        return 0
     if argv:
         raise ValueError(f"'wanda-prune demo' takes no arguments, got {' '.join(argv)}")
     print("Demo: a tiny random-weight OPT (4 layers, hidden 128), built offline. With random weights the")

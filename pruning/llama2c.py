@@ -103,6 +103,13 @@ def _rope_theta_from_freqs(freq_real: torch.Tensor, freq_imag: torch.Tensor, hea
 def _read_weights(path: Path) -> tuple[Llama2cConfig, dict[str, torch.Tensor], float]:
     """Read a llama2.c checkpoint into llama2.c-named fp32 tensors (plus the RoPE theta it was exported with)."""
     raw = path.read_bytes()
+    v1 = len(raw) >= 4 and struct.unpack_from("<I", raw, 0)[0] == _V1_MAGIC
+    header_bytes = _V1_HEADER_BYTES if v1 else 7 * 4
+    if len(raw) <= header_bytes or len(raw) % 4:
+        raise ValueError(
+            f"{path}: {len(raw)} bytes is not a llama2.c checkpoint (a {header_bytes}-byte header, then fp32 "
+            "weights: a multiple of 4 bytes); the file may be truncated"
+        )
     cfg, offset = _read_header(raw)
     if min(cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size, cfg.seq_len) <= 0:
         raise ValueError(f"{path}: implausible llama2.c header {cfg}")
@@ -214,8 +221,12 @@ def read_llama2c_vocab(tokenizer_path: str | Path, vocab_size: int | None = None
     pieces: list[bytes] = []
     scores: list[float] = []
     while pos < len(raw) and (vocab_size is None or len(pieces) < vocab_size):
+        if pos + 8 > len(raw):
+            raise ValueError(f"{tokenizer_path}: truncated after {len(pieces)} tokens (a score and length cut)")
         score, length = struct.unpack_from("<fi", raw, pos)
         pos += 8
+        if length < 0 or pos + length > len(raw):
+            raise ValueError(f"{tokenizer_path}: truncated in token {len(pieces)} ({length} bytes announced)")
         pieces.append(raw[pos : pos + length])
         scores.append(score)
         pos += length

@@ -197,7 +197,11 @@ def dense_weights_per_step(kernel, consts: dict) -> int | None:
 
 
 def main(argv: list[str]) -> int:
-    json_path = argv[argv.index("--json") + 1] if "--json" in argv else None
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default=None, metavar="FILE", help="append one JSON line per compiled variant")
+    json_path = parser.parse_args(argv).json
     failures, records = 0, []
     for capability in (80, 90):
         target = GPUTarget("cuda", capability, 32)

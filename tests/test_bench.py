@@ -65,3 +65,16 @@ def test_fused_shapes_stack_their_parts():
         if shape.gated:
             assert linear_shape(name, "gate_up_proj") == (parts["gate_proj"][0] + parts["up_proj"][0], shape.hidden)
     assert linear_shape("llama-2-70b", "qkv_proj") == (8192 + 2 * 1024, 8192)  # grouped-query k/v
+
+
+def test_decode_ops_counts_each_of_our_kernels_once():
+    """The README's operations-per-layer table: each Triton kernel is one operation, none of the torch calls the
+    interpreter makes inside it (the decoder picks its cache-write kernel when it is built)."""
+    from bench.decode_ops import layer_ops
+
+    ops, outside = layer_ops("llama", small_ops=True, projections=True)
+    assert ops.count("triton:write_kv_cache_") == 1 and ops.count("triton:add_rms_norm") == 1
+    assert not {"new_empty", "set_", "empty"} & set(ops), ops  # the interpreter's own tensor handling
+    linears = sum(name in ("mm", "addmm") for name in ops)
+    assert linears == 4 and len(ops) <= 13, ops  # q/k/v, o, gate/up, down; 7 other kernels (+2 repeat_kv in 5.17)
+    assert 0 < outside <= 16

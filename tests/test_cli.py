@@ -89,7 +89,8 @@ def run_main(argv: list[str]) -> int:
 def assert_one_line_error(capsys: pytest.CaptureFixture, code: int, *fragments: str) -> str:
     """Exit status 2, exactly one non-empty stderr line ``error: ...`` containing every fragment, no traceback."""
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
+    # transformers' own progress bar while it loads weights is not ours to count
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Loading weights")]
     assert code == 2, err
     assert "Traceback" not in err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
@@ -565,3 +566,29 @@ def test_sigterm_while_saving_leaves_no_partial_model(tiny_opt, tmp_path, capsys
     assert code == 143 and "error: terminated (SIGTERM)" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # neither the model nor its staging directory
     assert signal.getsignal(signal.SIGTERM) == before  # the CLI's handler is gone again
+
+
+def test_layers_device_map_left_off_the_gpus_fail_right_after_loading(tiny_opt, capsys, monkeypatch):
+    real_load = loading.load_model
+
+    def load_with_a_layer_on_meta(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        model.model.decoder.layers[1].to("meta")  # what accelerate leaves for a CPU- or disk-offloaded layer
+        return model
+
+    monkeypatch.setattr(loading, "load_model", load_with_a_layer_on_meta)
+    code = run_main(prune_argv(tiny_opt, "--device_map", "auto", "--eval_dataset", "none"))
+    assert_one_line_error(capsys, code, "left some decoder layers off the GPUs", "--offload")
+
+
+def test_ctrl_c_while_saving_leaves_no_partial_model(tiny_opt, tmp_path, capsys, monkeypatch):
+    from transformers import PreTrainedModel
+
+    def interrupted_mid_write(self, directory, *args, **kwargs):
+        (Path(directory) / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", interrupted_mid_write)
+    code = run_main(prune_argv(tiny_opt, "--save_model", str(tmp_path / "pruned"), "--eval_dataset", "none"))
+    assert code == 130 and "error: interrupted" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

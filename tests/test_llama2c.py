@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pruning.data import get_eval_ids
 from pruning.evaluate import perplexity
-from pruning.llama2c import llama2c_to_hf_model, load_llama2c, save_llama2c_as_hf
+from pruning.llama2c import llama2c_to_hf_model, load_llama2c, read_llama2c_vocab, save_llama2c_as_hf
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 STORIES = SHARED_DATA / "stories260K"
@@ -332,3 +332,24 @@ def test_truncated_checkpoint_is_rejected(tmp_path):
     path.write_bytes(path.read_bytes()[:-4])
     with pytest.raises(ValueError, match="implies"):
         llama2c_to_hf_model(path)
+
+
+@pytest.mark.parametrize("keep", ["-3 bytes", "20 bytes", "header only", "v1 magic only"])
+def test_damaged_checkpoints_are_value_errors_naming_the_file(tmp_path, keep):
+    path = tmp_path / "tiny.bin"
+    write_checkpoint(path, 1 if keep == "v1 magic only" else 0, True, 10000.0)
+    raw = path.read_bytes()
+    cut = {"-3 bytes": raw[:-3], "20 bytes": raw[:20], "header only": raw[:28], "v1 magic only": raw[:8]}[keep]
+    path.write_bytes(cut)
+    with pytest.raises(ValueError, match=f"{path}.*truncated"):
+        llama2c_to_hf_model(path)
+
+
+@pytest.mark.parametrize("cut", [2, 5])
+def test_a_truncated_tokenizer_file_is_refused(tmp_path, cut):
+    if not TOK.is_file():
+        pytest.skip(f"shared stories260K data absent: {STORIES}")
+    path = tmp_path / "tok512.bin"
+    path.write_bytes(TOK.read_bytes()[:-cut])
+    with pytest.raises(ValueError, match="truncated"):
+        read_llama2c_vocab(path, 512)
