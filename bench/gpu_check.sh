@@ -3,13 +3,15 @@
 # With no arguments it runs these steps, in priority order (open issues' targets first), each capped by its
 # own limit and by the time left; every benchmark record is written (and logged) as soon as it is measured,
 # so a step cut off keeps what it measured:
-#   1. the tests marked `gpu` (cuSPARSELt / CUTLASS / CUDA-graph paths against dense references);
+#   1. the tests marked `gpu` (cuSPARSELt / CUTLASS / CUDA-graph paths against dense references), and the 2:4
+#      GEMV and decode-kernel tests compiled for this GPU;
 #   2. SparseGPT on OPT-1.3B, ours then the reference code path (issue 5: <= 12 s, >= 8x);
 #   3. 2:4 inference, quick: per-Linear at M = 1, 16, 2048, 8192, then OPT-13B prefill and decode (issue 4);
 #   4. Wanda on OPT-6.7B, then the mask kernels on real shapes, against locuslab/wanda's code path;
 #   5. SparseGPT on OPT-6.7B, ours only (issue 5: <= 45 s);
 #   6. the rest of 2:4 inference: OPT-6.7B and LLaMA-7B, and the other per-Linear sizes;
-#   7. the kernel tests (2:4 GEMV, decode fusion) on the GPU (GPU_CHECK_ALL_TESTS=1 adds tests/test_kernels.py).
+#   7. all the kernel tests (2:4 GEMV and its every candidate, decode fusion) on the GPU, if time is left
+#      (GPU_CHECK_ALL_TESTS=1 adds tests/test_kernels.py).
 # With arguments, step 1 and then one `python -m bench ARGS` (e.g. `kernels e2e`, `--e2e-run all`).
 # Usage, from anywhere:  bash bench/gpu_check.sh [ARGS]
 # Results: $OUT/bench.jsonl and $OUT/log.txt when $OUT is set (the device tool fetches $OUT), else bench/results/.
@@ -88,6 +90,11 @@ main() {
             --continue-on-collection-errors "${gpu_files[@]}"
     else
         echo "=== no test file has gpu-marked tests"
+    fi
+    if ((have_pytest)); then
+        # The 2:4 GEMV and the decode kernels compiled for this GPU (every autotuning candidate: the last step).
+        step "kernel tests on the GPU, quick" 60 0 "0" "$PY" -m pytest -q -p no:cacheprovider \
+            tests/test_sparse24_kernels.py tests/test_fusion.py -k "not every_gpu_candidate and not fused_"
     fi
 
     local bench=("$PY" -m bench --out "$OUT_DIR/bench.jsonl")

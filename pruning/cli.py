@@ -304,6 +304,10 @@ def run_prune(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     config = validate_args(args)
     model_config = load_config(args.model, args.cache_dir)
+    if config.sparsity_ratio > 0:  # pruning runs layer by layer, each layer with layer 0's attention mask
+        from pruning.adapters import check_one_mask_for_every_layer
+
+        check_one_mask_for_every_layer(model_config)
     seqlen = resolve_seqlen(args.seqlen, model_config)
     tokenizer = load_tokenizer(args.model, args.cache_dir)
     calibration_ids = None
@@ -328,7 +332,8 @@ def run_prune(args: argparse.Namespace) -> dict:
     from pruning.adapters import get_adapter
     from pruning.layerwise import check_layers_placeable
 
-    check_layers_placeable(get_adapter(model).layers(model))  # right after loading, not halfway through pruning
+    if config.sparsity_ratio > 0:  # right after loading, not halfway through pruning
+        check_layers_placeable(get_adapter(model).layers(model))
     streamed = streamed or _streamed_from_cpu(model, get_adapter(model))  # also when the model did not fit
     if args.save_format == "sparse24":
         from pruning.sparse24 import check_packable
@@ -411,14 +416,14 @@ def _raise_terminated(_signum, _frame) -> NoReturn:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    previous_sigterm = None
-    if threading.current_thread() is threading.main_thread():
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    if in_main_thread:
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _main(argv)
     finally:
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+        if in_main_thread:  # None: a handler not set from Python; the default is the closest to it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_sigterm is None else previous_sigterm)
 
 
 def _main(argv: list[str]) -> int:

@@ -72,13 +72,18 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
 
 
 def _piece_end(text: str, at_least: int) -> int:
-    """The first index >= at_least that starts a line with a non-space character (or the end of the text)."""
+    """The first index >= at_least just after a newline that is followed by a non-space character, or by one
+    space and a non-space (WikiText's lines): GPT-2's pre-tokenizer ends a word there either way, where it
+    would keep a run of whitespace together. The end of the text if there is none."""
     position = at_least
     while position < len(text):
         newline = text.find("\n", position - 1)
         if newline < 0:
             return len(text)
-        if newline + 1 < len(text) and not text[newline + 1].isspace():
+        after = text[newline + 1 : newline + 3]
+        starts_a_word = after[:1] and not after[0].isspace()
+        spaced_word = len(after) == 2 and after[0] == " " and not after[1].isspace()
+        if starts_a_word or spaced_word:
             return newline + 1
         position = newline + 2
     return len(text)
@@ -111,22 +116,20 @@ def _texts_from_json(path: Path) -> list[str]:
             return item["text"]
         raise DataError(f'{where}: expected a string or an object with a "text" string field')
 
-    def json_lines() -> list[str]:
-        texts = []
-        with _open_text(path) as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    texts.append(doc_text(json.loads(line), f"{path}:{line_no}"))
-        return texts
+    def json_lines(lines: Iterable[str]) -> list[str]:
+        return [
+            doc_text(json.loads(line), f"{path}:{line_no}") for line_no, line in enumerate(lines, 1) if line.strip()
+        ]
 
-    if _suffix(path) == ".jsonl":
-        return json_lines()
+    with _open_text(path) as f:
+        if _suffix(path) == ".jsonl":
+            return json_lines(f)
+        text = f.read()
     try:
-        with _open_text(path) as f:
-            data = json.load(f)
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # JSON Lines under a .json name, as the C4 shards are
-            return json_lines()
+            return json_lines(text.splitlines())
         raise
     if isinstance(data, dict) and isinstance(data.get("text"), list):
         data = data["text"]
@@ -254,23 +257,24 @@ def _load_hub_split(source: str, split: str, cache_dir: str | Path | None) -> An
     import datasets
     from datasets import load_dataset
 
-    caches = [None] + ([str(cache_dir)] if cache_dir is not None else [])
-    for attempt, cache in enumerate(caches):
+    caches: list[str | None] = [None]
+    if cache_dir is not None:  # first when it already holds this dataset: no second download
+        holds_it = any(Path(cache_dir).glob(f"*___{(C4_REPO if source == 'c4' else WIKITEXT_REPO).split('/')[1]}*"))
+        caches.insert(0 if holds_it else 1, str(cache_dir))
+    failures = []
+    for cache in caches:
         try:
             if source == "c4":
                 data_file = C4_TRAIN_FILE if split == "train" else C4_VALIDATION_FILE
                 return load_dataset(C4_REPO, data_files={split: data_file}, split=split, cache_dir=cache)
             return load_dataset(WIKITEXT_REPO, WIKITEXT_CONFIG, split=split, cache_dir=cache)
         except Exception as exc:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
-            if attempt + 1 < len(caches):
-                continue
             first_line = (str(exc).strip().splitlines() or [""])[0]
-            searched = " and ".join(repr(c or str(datasets.config.HF_DATASETS_CACHE)) for c in caches)
-            raise DataError(
-                f"could not load {source!r} {split} split from {searched} ({type(exc).__name__}: {first_line}); "
-                + _offline_hint(source)
-            ) from exc
-    raise AssertionError("unreachable")
+            failures.append(f"{cache or str(datasets.config.HF_DATASETS_CACHE)!r}: {type(exc).__name__}: {first_line}")
+            last = exc
+    raise DataError(
+        f"could not load {source!r} {split} split ({'; '.join(failures)}); " + _offline_hint(source)
+    ) from last
 
 
 def _c4_calibration(docs: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int, what: str = "c4") -> torch.Tensor:
@@ -287,7 +291,7 @@ def _c4_calibration(docs: Any, tokenizer: Any, nsamples: int, seqlen: int, seed:
             if tries > max_tries:
                 raise DataError(
                     f"{what}: found no document longer than seqlen={seqlen} tokens in {tries - 1} draws; "
-                    "use longer documents, a smaller --seqlen, or a .txt file (windows run across documents)"
+                    "use longer documents or a smaller --seqlen"
                 )
             doc = docs[rng.randint(0, n_docs - 1)]
             doc_ids = tokenize(tokenizer, doc if isinstance(doc, str) else doc["text"])
@@ -320,8 +324,14 @@ def get_calibration_ids(
         raise DataError(f"nsamples and seqlen must be positive, got nsamples={nsamples}, seqlen={seqlen}")
     if _is_local(source):
         path = _check_local(source)
-        if _only_json_documents(path):
-            docs = read_local_documents(path)
+        docs = read_local_documents(path) if _only_json_documents(path) else None
+        # A document of b UTF-8 bytes has at most b + 2 tokens (byte-level BPE or byte fallback, BOS/EOS): if none
+        # can be longer than seqlen, C4's sampling would draw in vain; windows across documents it is.
+        if docs is not None and not any(len(doc.encode()) + 2 > seqlen for doc in docs):
+            logger.warning("%s: no document can be longer than seqlen=%d tokens: sampling windows of the documents "
+                           "joined, as for plain text", path, seqlen)  # fmt: skip
+            docs = None
+        if docs is not None:
             out = _c4_calibration(docs, tokenizer, nsamples, seqlen, seed, what=str(path))
         else:
             ids = tokenize(tokenizer, read_local_text(path))

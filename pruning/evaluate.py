@@ -111,10 +111,16 @@ def perplexity(
 def unknown_zero_shot_tasks(tasks: Sequence[str], include_path: str | None = None) -> list[str]:
     """The names in ``tasks`` that are no task, group or tag lm-eval knows (with ``include_path``'s YAMLs).
     Exact names: ``simple_evaluate`` does not expand wildcards."""
+    known = set(_task_manager(include_path).all_tasks)
+    return [task for task in tasks if task not in known]
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: str | None):
+    """lm-eval's task index (a few seconds to build), once per include path: the CLI checks names up front."""
     from lm_eval.tasks import TaskManager
 
-    known = set(TaskManager(include_path=include_path).all_tasks)
-    return [task for task in tasks if task not in known]
+    return TaskManager(include_path=include_path)
 
 
 def zero_shot(
@@ -137,8 +143,6 @@ def zero_shot(
     except ImportError as exc:
         raise ImportError("zero-shot evaluation needs lm-eval: pip install -e '.[eval]'") from exc
 
-    from lm_eval.tasks import TaskManager
-
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     results = lm_eval.simple_evaluate(
         model=lm,
@@ -146,7 +150,7 @@ def zero_shot(
         num_fewshot=num_fewshot,
         batch_size=batch_size,
         limit=limit,
-        task_manager=TaskManager(include_path=include_path),
+        task_manager=_task_manager(include_path),
     )
     if results is None:  # non-zero ranks in distributed runs
         return {}

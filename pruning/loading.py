@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pruning.adapters import check_one_mask_for_every_layer, get_adapter
+from pruning.adapters import get_adapter
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,6 @@ def load_config(name: str, cache_dir: str | None = None):
     except (OSError, ValueError) as err:
         raise _not_found(name, cache_dir, err, "local_files_only" in kwargs) from None
     get_adapter(config.model_type)  # raises UnsupportedModelError listing what is supported
-    check_one_mask_for_every_layer(config)
     return config
 
 
@@ -122,6 +121,14 @@ def load_tokenizer(name: str, cache_dir: str | None = None):
     if not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
         raise ValueError(f"cannot load the tokenizer of {name!r}: it turns text into no tokens; {advice}")
     return tokenizer
+
+
+def _safetensors_errors() -> tuple[type[Exception], ...]:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return ()
+    return (SafetensorError,)
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -187,11 +194,11 @@ def load_model(
             raise _not_found(name, cache_dir, err, "local_files_only" in kwargs) from None
         except torch.OutOfMemoryError:
             raise
-        except Exception as err:  # a truncated safetensors file, weights that do not match config.json, ...
+        except (RuntimeError, *_safetensors_errors()) as err:  # a truncated file; weights that do not fit config.json
             raise ValueError(
                 f"cannot load model {name!r}: {type(err).__name__}: {_first_line(err)}; the checkpoint may be "
                 "incomplete (an interrupted download or copy) or not match its config.json: fetch or save it again"
-            ) from None
+            ) from err
     model.eval()
     if device_map or not torch.cuda.is_available():
         return model

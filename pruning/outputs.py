@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -60,15 +61,31 @@ WANDA_LOG_HEADER = "method\tactual_sparsity\tppl_test\n"
 
 def write_wanda_log(directory: Path, method: str, actual_sparsity: float, ppl_test: float | None) -> Path:
     """``log_{method}.txt`` with locuslab/wanda's columns: method, actual_sparsity, ppl_test. The reference
-    rewrites the file on every run; here each run adds its row, so a sweep into one --save keeps every result."""
+    rewrites the file on every run; here each run appends its row (under a lock: runs of a job array may finish
+    together), so a sweep into one --save keeps every result."""
     ppl = "nan" if ppl_test is None else f"{ppl_test:.4f}"
     path = directory / f"log_{method}.txt"
-    before = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if not before.startswith(WANDA_LOG_HEADER):
-        before = WANDA_LOG_HEADER + before
-    if not before.endswith("\n"):
-        before += "\n"
-    return _write_atomically(path, f"{before}{method}\t{actual_sparsity:.4f}\t{ppl}\n")
+    with open(path, "a+", encoding="utf-8") as f, _locked(f):
+        f.seek(0)
+        before = f.read()
+        f.write(("" if before else WANDA_LOG_HEADER) + ("\n" if before and not before.endswith("\n") else ""))
+        f.write(f"{method}\t{actual_sparsity:.4f}\t{ppl}\n")
+    return path
+
+
+@contextlib.contextmanager
+def _locked(f):
+    """An exclusive advisory lock on an open file (POSIX; elsewhere nothing)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def versions() -> dict[str, str | None]:
@@ -92,10 +109,18 @@ def versions() -> dict[str, str | None]:
 
 
 def _write_atomically(path: Path, text: str) -> Path:
-    """Write a sibling temporary file, then rename it over ``path``: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    """Write a sibling temporary file (a name of its own), then rename it over ``path``: readers never see a
+    half-written file."""
+    descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; results get a plain file's permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 
@@ -104,12 +129,14 @@ def metrics_path(directory: Path, method: str, sparsity_type: str) -> Path:
     with a counter if that name is taken, so no run replaces another's."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     stem = f"metrics_{method}_{sparsity_type.replace(':', '-')}_{stamp}"
-    path = directory / f"{stem}.json"
     count = 1
-    while path.exists():
-        count += 1
-        path = directory / f"{stem}_{count}.json"
-    return path
+    while True:  # claimed by creating it: two runs finishing in one second get two files
+        path = directory / (f"{stem}.json" if count == 1 else f"{stem}_{count}.json")
+        try:
+            path.open("x").close()
+            return path
+        except FileExistsError:
+            count += 1
 
 
 def write_metrics(path: Path, metrics: dict) -> Path:

@@ -149,7 +149,7 @@ def test_hub_loader_errors_are_wrapped(tok, monkeypatch):
 
     monkeypatch.setattr(data, "_hub_offline", lambda: True)  # cache-only mode: no probe, load_dataset decides
     monkeypatch.setattr(datasets, "load_dataset", refuse)
-    with pytest.raises(DataError, match=r"could not load 'c4' train split from .*\(ConnectionError.*local text") as err:
+    with pytest.raises(DataError, match=r"could not load 'c4' train split \(.*ConnectionError.*local text") as err:
         get_calibration_ids("c4", tok, nsamples=1, seqlen=8)
     assert "\n" not in str(err.value)
 
@@ -177,6 +177,10 @@ def test_hub_datasets_come_from_the_datasets_cache_then_cache_dir(tok, monkeypat
     monkeypatch.setattr(datasets, "load_dataset", cached_only_in(str(tmp_path / "llm_weights")))
     get_calibration_ids("wikitext2", tok, nsamples=1, seqlen=8, cache_dir=tmp_path / "llm_weights")
     assert tried == [None, str(tmp_path / "llm_weights")]
+    tried.clear()  # a --cache_dir that already holds the dataset (an earlier run put it there) comes first
+    (tmp_path / "llm_weights" / "Salesforce___wikitext").mkdir(parents=True)
+    get_calibration_ids("wikitext2", tok, nsamples=1, seqlen=8, cache_dir=tmp_path / "llm_weights")
+    assert tried == [str(tmp_path / "llm_weights")]
     monkeypatch.setattr(datasets, "load_dataset", cached_only_in("elsewhere"))
     with pytest.raises(DataError, match=str(datasets.config.HF_DATASETS_CACHE)) as err:
         get_calibration_ids("wikitext2", tok, nsamples=1, seqlen=8, cache_dir=tmp_path / "llm_weights")
@@ -226,7 +230,14 @@ def test_a_long_text_tokenized_in_pieces_gives_the_ids_of_one_call(which, tok, m
         text = TEXT * 20 + "\n\n   indented line\n\tand a tab\n" + TEXT
     whole = data.tokenize(tok, text)
     monkeypatch.setattr(data, "TOKENIZE_PIECE_CHARS", 997)
-    pieces = data.tokenize(tok, text)
+    calls = []
+
+    def counting(piece, **kwargs):
+        calls.append(len(piece))
+        return tok(piece, **kwargs)
+
+    pieces = data.tokenize(counting, text)
+    assert len(calls) > 50  # WikiText's lines start with a space: cut there too
     assert pieces.dtype == torch.long and torch.equal(pieces, whole)
 
 
@@ -290,3 +301,13 @@ def test_c4_eval_slice(tok, monkeypatch):
     assert torch.equal(ids[0], joined[: 256 * 8])
     ids_long = get_eval_ids("c4", tok, seqlen=1000)  # fewer tokens than 256 * seqlen: keep them all
     assert torch.equal(ids_long[0], joined)
+
+
+def test_json_documents_all_shorter_than_seqlen_are_sampled_as_joined_text(tok, tmp_path):
+    docs = [f"short document {i}" for i in range(40)]  # 17-19 bytes each: none can exceed 32 tokens
+    (tmp_path / "short.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = get_calibration_ids(tmp_path / "short.jsonl", tok, nsamples=4, seqlen=32, seed=3)
+    joined = full_ids(tok, "\n\n".join(docs))
+    random.seed(3)
+    starts = [random.randint(0, joined.numel() - 33) for _ in range(4)]
+    assert torch.equal(out, torch.stack([joined[s : s + 32] for s in starts]))

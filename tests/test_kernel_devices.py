@@ -34,6 +34,13 @@ class _OnSecondGpu(torch.Tensor):
     def device(self):
         return torch.device("cuda", 1)
 
+    @property
+    def is_cuda(self):
+        return True
+
+    def get_device(self):
+        return 1
+
 
 def test_the_guard_makes_the_first_tensor_device_current(monkeypatch):
     entered = []
@@ -44,6 +51,8 @@ def test_the_guard_makes_the_first_tensor_device_current(monkeypatch):
         yield
 
     monkeypatch.setattr(torch.cuda, "device", fake_device)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     seen_inside = []
 
     @_runtime.on_input_device
@@ -70,3 +79,19 @@ def test_kernel_on_the_second_gpu_while_the_first_is_current():
         got = wanda_kernels.unstructured_mask(wanda_kernels.wanda_scores(weight.cuda(1), norms.cuda(1)), 0.5)
         torch.cuda.synchronize(1)
     assert got.device == torch.device("cuda", 1) and torch.equal(got.cpu(), want)
+
+
+def test_the_guard_switches_nothing_on_one_gpu_or_on_the_current_one(monkeypatch):
+    """The switch costs ~2 us of host time per launch: skipped where it cannot matter."""
+
+    def must_not_switch(device):
+        raise AssertionError("switched devices needlessly")
+
+    monkeypatch.setattr(torch.cuda, "device", must_not_switch)
+    launcher = _runtime.on_input_device(lambda x: x)
+    on_gpu1 = torch.Tensor._make_subclass(_OnSecondGpu, torch.zeros(2))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    launcher(on_gpu1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    launcher(on_gpu1)

@@ -38,13 +38,20 @@ def on_input_device(launcher: Launcher) -> Launcher:
 
     @functools.wraps(launcher)
     def launch(*args, **kwargs):
-        first = next((a for a in itertools.chain(args, kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        if first is None or first.device.type != "cuda":
+        # Hot path (eager decode launches hundreds per token): one GPU, or already current, costs no switch.
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else _first_tensor(args, kwargs)
+        if first is None or not first.is_cuda or torch.cuda.device_count() < 2:
+            return launcher(*args, **kwargs)
+        if first.get_device() == torch.cuda.current_device():
             return launcher(*args, **kwargs)
         with torch.cuda.device(first.device):
             return launcher(*args, **kwargs)
 
     return launch  # type: ignore[return-value]
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    return next((a for a in itertools.chain(args, kwargs.values()) if isinstance(a, torch.Tensor)), None)
 
 
 def check_kernel_device(*tensors: torch.Tensor) -> None:
