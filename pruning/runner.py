@@ -30,10 +30,16 @@ def _device(model: nn.Module) -> torch.device:
 def _try_capture(fn, what: str) -> tuple[torch.cuda.CUDAGraph | None, object]:
     """``_capture``, or (None, None) with a warning when the model does something a graph cannot hold (a host
     sync, a data-dependent shape): the runner then stays eager, and says so in ``use_graph``."""
+    previous = torch.cuda.current_stream() if torch.cuda.is_available() else None  # None: a CPU test's stand-in
     try:
         return _capture(fn)
     except RuntimeError as err:
-        log.warning("CUDA graph capture of the %s failed, running eagerly: %s", what, str(err).splitlines()[0])
+        # An invalidated capture fails again in capture_end ("a previous error during capture") before the graph
+        # context restores the stream: report the first error, and put the stream back.
+        cause = err.__context__ or err
+        if previous is not None:
+            torch.cuda.set_stream(previous)
+        log.warning("CUDA graph capture of the %s failed, running eagerly: %s", what, str(cause).splitlines()[0])
         torch.cuda.synchronize()
         return None, None
 
@@ -214,6 +220,7 @@ class GreedyDecoder:
             raise ValueError(
                 f"prompt must be [{self.batch}, T] with 0 < T < {self.max_len}, got {tuple(input_ids.shape)}"
             )
+        input_ids = input_ids.to(self.token.device)  # a prompt built on the CPU, for a model on the GPU
         self.cache.reset()
         self.position.fill_(0)  # where a one-token prompt is written (see _write_cache_layer)
         length = input_ids.shape[1]

@@ -41,6 +41,13 @@ def _kernels():
     return pack24, sparse24_mm
 
 
+# RuntimeErrors that say nothing about whether a backend exists (torch.AcceleratorError: torch >= 2.8).
+_FATAL_CUDA_ERRORS = (
+    torch.OutOfMemoryError,
+    *((torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()),
+)
+
+
 class Sparse24Linear(nn.Module):
     """A Linear whose weight is stored 2:4-compressed. Numerically F.linear on the dense-with-zeros weight."""
 
@@ -161,6 +168,8 @@ class Sparse24Linear(nn.Module):
                 end.record()
                 end.synchronize()
                 times[name] = start.elapsed_time(end)
+            except _FATAL_CUDA_ERRORS:
+                raise  # out of memory, or a broken CUDA context: not a missing kernel
             except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
                 warnings.warn(f"Sparse24Linear: {name} is unavailable here ({err})", stacklevel=3)
         if not times:

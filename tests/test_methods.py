@@ -372,6 +372,29 @@ def test_tensor_core_hessian_path_combines_batches_like_the_reference(monkeypatc
     torch.testing.assert_close(hessian.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
+class _SaysCuda(torch.Tensor):
+    """A CPU tensor that reports a CUDA device (to reach the tensor-core branch without a GPU)."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def test_an_out_of_memory_error_in_the_tensor_core_gram_is_not_a_missing_feature(monkeypatch) -> None:
+    """OOM must reach the batch-halving retry, not switch the fast Hessian path off for the rest of the run."""
+    from pruning.methods import sparsegpt as sparsegpt_module
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(sparsegpt_module, "_MM_OUT_DTYPE", {"works": True})
+    monkeypatch.setattr(torch, "mm", out_of_memory)
+    x = torch.Tensor._make_subclass(_SaysCuda, torch.randn(4, 8).half())
+    with pytest.raises(torch.OutOfMemoryError):
+        sparsegpt_module._gram_on_tensor_cores(x)
+    assert sparsegpt_module._MM_OUT_DTYPE["works"] is True
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_hessian_from_half_activations_uses_tensor_cores_on_cuda(dtype) -> None:

@@ -272,3 +272,36 @@ def test_decode_step_mask_gives_transformers_own_masking(family):
                      position_ids=decoder.position.expand(2, 1), cache_position=decoder.position, use_cache=True,
                      **{decoder.cache_kwarg: decoder.cache}).logits[:, -1]  # fmt: skip
     assert len(seen) == 1 and torch.equal(seen[0], want)
+
+
+def test_a_failed_capture_reports_its_first_error_and_restores_the_stream(monkeypatch, caplog):
+    """An invalidated capture fails again in capture_end, before the graph context puts the stream back."""
+    from pruning import runner
+
+    streams = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: "the caller's stream")
+    monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+    def invalidated_capture(fn):
+        try:
+            raise RuntimeError("operation not permitted when stream is capturing (a host sync)")
+        except RuntimeError:
+            raise RuntimeError("operation failed due to a previous error during capture") from None
+
+    monkeypatch.setattr(runner, "_capture", invalidated_capture)
+    with caplog.at_level("WARNING"):
+        assert runner._try_capture(lambda: None, "decode step") == (None, None)
+    assert streams == ["the caller's stream"]
+    assert "a host sync" in caplog.text
+
+
+@pytest.mark.gpu
+def test_a_prompt_on_the_cpu_decodes_on_the_gpu():
+    model = tiny("llama").cuda()
+    prompt = torch.randint(3, 96, (1, 7), generator=torch.Generator().manual_seed(0))
+    tokens = GreedyDecoder(model, batch=1, max_len=20).generate(prompt, 4)
+    with torch.no_grad():
+        want = model.generate(prompt.cuda(), max_new_tokens=4, do_sample=False, min_new_tokens=4)[:, 7:]
+    assert torch.equal(tokens, want)

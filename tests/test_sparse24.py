@@ -256,3 +256,26 @@ def test_the_ordinary_loader_reads_a_sparse24_checkpoint_as_its_dense_model(fami
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, dense(ids).logits)
+
+
+def test_out_of_memory_while_choosing_a_backend_is_not_a_missing_backend(monkeypatch):
+    """A candidate that runs out of memory (or breaks the CUDA context) must not be dropped for good as if its
+    kernel did not exist: the error goes up to the caller's out-of-memory handling."""
+    linear = nn.Linear(16, 8, bias=False)
+    with torch.no_grad():
+        linear.weight[:, 1::2] = 0  # 2:4
+    module = Sparse24Linear.from_linear(linear)
+
+    def out_of_memory(x):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(module, "_triton_linear", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        module._pick_backend(torch.zeros(1, 16), ["triton"])
+
+    def missing(x):
+        raise NotImplementedError("no such kernel here")
+
+    monkeypatch.setattr(module, "_triton_linear", missing)
+    with pytest.warns(UserWarning, match="triton is unavailable"):
+        assert module._pick_backend(torch.zeros(1, 16), ["triton"]) == "dense"

@@ -105,6 +105,8 @@ def _gram_on_tensor_cores(x2d: torch.Tensor) -> torch.Tensor | None:
         return None
     try:
         gram = torch.mm(x2d.T, x2d, out_dtype=torch.float32)
+    except torch.OutOfMemoryError:
+        raise  # a RuntimeError too, but not a missing feature: the caller retries with a smaller batch
     except (TypeError, RuntimeError, NotImplementedError) as err:  # torch < 2.8, or no such cuBLAS path
         logger.info("Hessian: no fp16-in/fp32-out GEMM here (%s); using fp32 SGEMM", str(err).splitlines()[0])
         _MM_OUT_DTYPE["works"] = False
