@@ -198,16 +198,7 @@ def test_local_json_documents_are_sampled_as_wanda_samples_c4(name, tok, tmp_pat
     path.write_bytes(gzip.compress(lines.encode()) if name.endswith(".gz") else lines.encode())
     seqlen, nsamples, seed = 64, 6, 5
     out = get_calibration_ids(path, tok, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    random.seed(seed)  # Wanda's get_c4 loop, verbatim logic
-    expected = []
-    for _ in range(nsamples):
-        while True:
-            enc = tok(docs[random.randint(0, len(docs) - 1)]["text"], return_tensors="pt").input_ids
-            if enc.shape[1] > seqlen:
-                break
-        i = random.randint(0, enc.shape[1] - seqlen - 1)
-        expected.append(enc[0, i : i + seqlen])
-    assert torch.equal(out, torch.stack(expected))
+    assert torch.equal(out, wandas_c4_windows(tok, docs, nsamples, seqlen, seed))
 
 
 def test_a_byte_order_mark_is_not_text(tok, tmp_path):
@@ -241,6 +232,20 @@ def test_a_long_text_tokenized_in_pieces_gives_the_ids_of_one_call(which, tok, m
     assert pieces.dtype == torch.long and torch.equal(pieces, whole)
 
 
+def wandas_c4_windows(tok, docs: list[dict], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """locuslab/wanda's get_c4 loop, verbatim logic: a random document longer than seqlen, a random window."""
+    random.seed(seed)
+    expected = []
+    for _ in range(nsamples):
+        while True:
+            enc = tok(docs[random.randint(0, len(docs) - 1)]["text"], return_tensors="pt").input_ids
+            if enc.shape[1] > seqlen:
+                break
+        i = random.randint(0, enc.shape[1] - seqlen - 1)
+        expected.append(enc[0, i : i + seqlen])
+    return torch.stack(expected)
+
+
 def fake_hub(monkeypatch, splits: dict) -> list:
     calls = []
 
@@ -259,16 +264,7 @@ def test_c4_calibration_is_wandas_sampling(tok, monkeypatch):
     out = get_calibration_ids("c4", tok, nsamples=nsamples, seqlen=seqlen, seed=seed)
     assert calls == [("c4", "train")]
 
-    random.seed(seed)  # Wanda's get_c4 loop, verbatim logic
-    expected = []
-    for _ in range(nsamples):
-        while True:
-            enc = tok(docs[random.randint(0, len(docs) - 1)]["text"], return_tensors="pt").input_ids
-            if enc.shape[1] > seqlen:
-                break
-        i = random.randint(0, enc.shape[1] - seqlen - 1)
-        expected.append(enc[0, i : i + seqlen])
-    assert torch.equal(out, torch.stack(expected))
+    assert torch.equal(out, wandas_c4_windows(tok, docs, nsamples, seqlen, seed))
 
 
 def test_c4_without_long_documents_fails(tok, monkeypatch):
