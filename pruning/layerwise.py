@@ -199,7 +199,6 @@ def capture_layer_inputs(
     """Run the model up to decoder layer 0 on each batch of ``input_ids`` and keep what layer 0 receives.
     A GPU out-of-memory error restarts the capture with half the batch size (down to 1)."""
     check_one_mask_for_every_layer(model.config)  # layer 0's mask is handed to every layer
-    check_layers_placeable(adapter.layers(model))
     return retry_with_half_batch(
         lambda size: _capture(model, adapter, input_ids, size, store), batch_size, "capturing layer-0 inputs"
     )
@@ -290,6 +289,7 @@ def layerwise_perplexity(
         raise ValueError(f"evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
     windows = ids[0, : n_windows * seqlen].reshape(n_windows, seqlen)
     layers = adapter.layers(model)
+    check_layers_placeable(layers)  # before the capture, not at the first layer that cannot run
     device = compute_device_for(layers[0])
     hidden_bytes = windows.numel() * model.config.hidden_size * next(model.parameters()).element_size()
     store = activation_store(hidden_bytes, device)
