@@ -1,7 +1,7 @@
 """Operations per decoder layer in one decode step: ``python -m bench.decode_ops`` (CPU; no GPU needed).
 
 At decode sizes every operation besides the Linears is a launch of almost no work, so their number per layer
-is what the fusions in ``pruning.fusion`` and the decoder's cache writes cut. Counted with a dispatch mode on
+is what the fusions in ``pruning.infer.fusion`` and the decoder's cache writes cut. Counted with a dispatch mode on
 tiny configs, one step of ``GreedyDecoder`` after a prefill: every torch operation except views (each about
 one GPU kernel), and each of our Triton kernels as one (the torch operations the interpreter runs inside it
 are not counted). Transformers versions differ, so the table names the one it ran with.
@@ -78,29 +78,16 @@ def _kernels_counted_once(*modes: _LayerOps):
             setattr(module, function_name, original)
 
 
-def tiny(family: str) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(0)
-    if family == "opt":
-        config = OPTConfig(vocab_size=96, hidden_size=64, word_embed_proj_dim=64, ffn_dim=128, num_hidden_layers=2,
-                           num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
-        return OPTForCausalLM(config).eval()
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
-    return LlamaForCausalLM(config).eval()
-
-
 def layer_ops(family: str, small_ops: bool, projections: bool) -> tuple[list[str], int]:
     """The operations of the second decoder layer in one decode step, and how many the step runs outside its
     decoder layers (embedding, mask, final norm, head, argmax)."""
+    from bench.fixtures.models import tiny_model
     from pruning.adapters import get_adapter
-    from pruning.fusion import fuse_projections_, fuse_small_ops_
-    from pruning.runner import GreedyDecoder
+    from pruning.infer import GreedyDecoder, fuse_projections_, fuse_small_ops_
 
-    model = tiny(family)
+    model = tiny_model(family)
     if small_ops:
-        fuse_small_ops_(model)
+        fuse_small_ops_(model, backend="triton")  # the kernels, under the interpreter on the CPU
     if projections:
         fuse_projections_(model)
     mode, whole = _LayerOps(), _LayerOps()
@@ -115,7 +102,7 @@ def layer_ops(family: str, small_ops: bool, projections: bool) -> tuple[list[str
         mode.active = False
 
     with _kernels_counted_once(mode, whole):
-        decoder = GreedyDecoder(model, batch=1, max_len=16, use_graph=False)
+        decoder = GreedyDecoder(model, batch=1, max_len=16, use_graph=False, backend="triton")
         decoder.prefill(torch.randint(0, 96, (1, 4), generator=torch.Generator().manual_seed(0)))
         hooks = [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave)]
         decoder.step()

@@ -1,24 +1,12 @@
-"""2:4 sparse inference against dense, through the same runners: is 2:4 actually faster?
+"""2:4 sparse inference against dense, through the same runners: is 2:4 actually faster? (design: docs/benchmarks.md)
 
-Two parts, both measured in one run on one device:
-  linear   per-Linear microbenchmark on real FFN/attention shapes, M in LINEAR_TOKENS rows (1 ... 8192):
-           dense cuBLAS (F.linear), cuSPARSELt (Sparse24Linear's large-M path), our Triton 2:4 GEMV (M <= 128)
-           and Sparse24Linear's automatic choice. Each op is timed inside a CUDA graph
-           (triton.testing.do_bench_cudagraph) so host overhead is excluded for every provider alike. At
-           M <= 128 each timed call cycles through copies of the weight totalling ROTATION_BYTES, so that no
-           provider is served from L2 (a 2:4 weight that fits in L2 where the dense one does not would gain).
-  model    whole random-weight models (OPT-6.7B, OPT-13B, a LLaMA-7B-shaped model), pruned 2:4 by magnitude
-           (the pattern, not the values, decides speed), run dense-with-zeros and then compressed in place
-           to Sparse24Linear: prefill B x T in {1x2048, 8x2048} through PrefillRunner (CUDA graph), and
-           greedy decode tokens/s at batch 1 and 8 after a 512-token context through GreedyDecoder (static KV
-           cache, one graph replay per token). The sparse model's last-position logits must match the
-           dense-with-zeros model's (relative error < 1e-2). Both run with ``pruning.fusion``: one-kernel
-           RMSNorm and rotary embedding (LLaMA), so launch-bound small ops do not dilute either side, and
-           q/k/v (and gate/up) fused into one product; ``--no-fuse`` measures transformers' layers as
-           written (records say which: ``fused_small_ops``).
-
-CPU smoke mode: tiny models and shapes, eager runners, Sparse24Linear's CPU (dense) fallback: it keeps the
-harness tested; its timings mean nothing.
+linear   per-Linear on real FFN/attention shapes, M in LINEAR_TOKENS rows: dense cuBLAS, cuSPARSELt, our
+         Triton 2:4 GEMV (M <= 128) and Sparse24Linear's choice, each timed inside a CUDA graph; at M <= 128
+         every call cycles through ROTATION_BYTES of weight copies so that no provider is served from L2.
+model    random-weight OPT-6.7B, OPT-13B and a LLaMA-7B shape, magnitude 2:4, dense-with-zeros then
+         compressed to Sparse24Linear: graphed prefill (B x T) and greedy decode tokens/s after a 512-token
+         context; the sparse logits must match the dense ones (relative error < LOGITS_RTOL). Both fused
+         (``pruning.infer.fusion``) unless ``--no-fuse``. CPU smoke mode: tiny shapes, timings meaningless.
 """
 
 from __future__ import annotations
@@ -33,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.fixtures.models import LLAMA_SMOKE, OPT_SMOKE, build_model
+from bench.records import once, record
 from bench.shapes import MODELS, linear_shape
 from bench.timing import time_op
 
@@ -53,68 +43,15 @@ LINEAR_RTOL = 5e-3  # per-Linear outputs, relative Frobenius error against dense
 ROTATE_MAX_TOKENS = 128  # memory-bound sizes: weights rotate past L2 (H100 50 MB, H200 60 MB)
 ROTATION_BYTES = 256 << 20  # of dense weight copies; the 2:4 copies of them hold 0.5625x that
 
+KERNELS = "triton"  # our kernels: on the GPU, and in smoke mode under the CPU interpreter
 SMOKE_LINEARS = [("smoke", (32, 64))]
 SMOKE_TOKENS = (1, 4, 32)
-SMOKE_MODELS = ("opt-smoke", "llama-smoke")
+SMOKE_MODELS = (OPT_SMOKE, LLAMA_SMOKE)
 SMOKE_PREFILL = ((1, 16), (2, 16))
 SMOKE_CONTEXT, SMOKE_STEPS = 8, 4
 
 
 # --- models ----------------------------------------------------------------------------------------
-
-
-def _rebuild_rotary_buffers_(net: nn.Module) -> None:
-    """``to_empty`` leaves non-persistent buffers (the rotary ``inv_freq``, ``original_inv_freq``) holding
-    uninitialized memory. Each rotary module is built again from its config on the CPU (its constructor
-    computes them, whatever the transformers version) and its buffers copied over."""
-    for module in net.modules():
-        if hasattr(module, "inv_freq") and hasattr(module, "config"):
-            fresh = type(module)(module.config)
-            for name, buffer in fresh.named_buffers(recurse=False):
-                getattr(module, name).copy_(buffer)
-            module.attention_scaling = fresh.attention_scaling
-
-
-def build_random_llama(name: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """A random-weight LlamaForCausalLM of ``bench.shapes`` dims, allocated directly on ``device``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from bench.e2e import init_random_weights_
-
-    if name == "llama-smoke":
-        hidden, ffn, layers, heads, kv_heads, vocab, positions = 64, 128, 2, 4, 2, 128, 128
-    else:
-        shape = MODELS[name]
-        hidden, ffn, layers, heads, vocab, positions = (
-            shape.hidden,
-            shape.ffn,
-            shape.n_layers,
-            shape.n_heads,
-            32000,
-            4096,
-        )
-        kv_heads = (shape.kv_dim or hidden) // (hidden // heads)
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=positions,
-    )  # fmt: skip
-    with torch.device("meta"):
-        net = LlamaForCausalLM(config)
-    net = net.to(dtype=dtype).to_empty(device=device)
-    _rebuild_rotary_buffers_(net)
-    init_random_weights_(net)
-    for module in net.modules():
-        if type(module).__name__.endswith("RMSNorm"):
-            module.weight.data.fill_(1.0)
-    return net.eval()
-
-
-def build_model(name: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    from bench.e2e import SMOKE_MODEL, build_random_opt
-
-    if name.startswith("opt"):
-        return build_random_opt(SMOKE_MODEL if name == "opt-smoke" else name, device, dtype)
-    return build_random_llama(name, device, dtype)
 
 
 @torch.no_grad()
@@ -156,13 +93,9 @@ def _each(fns: list) -> object:
     return out
 
 
-def _record(op, provider, label, shape, dtype, timing, reference_ms, correct, **extra) -> dict:
-    return {
-        "suite": "inference", "op": op, "provider": provider, "label": label, "shape": list(shape),
-        "dtype": str(dtype).removeprefix("torch."), **timing, "gbps": None, "x_copy": None,
-        "speedup_vs_reference": reference_ms / timing["median_ms"] if reference_ms else None,
-        "correct": correct, **extra,
-    }  # fmt: skip
+def _record(op, provider, label, shape, dtype, timing, reference_ms, correct, **fields) -> dict:
+    return record("inference", op, provider, label, shape, dtype, timing=timing, correct=correct,
+                  reference_ms=reference_ms, **fields)  # fmt: skip
 
 
 # --- per-Linear microbenchmark -----------------------------------------------------------------------
@@ -179,8 +112,8 @@ def _weight_copies(n_tokens: int, n_out: int, n_in: int, dtype: torch.dtype, smo
 def bench_linears(
     device: torch.device, smoke: bool, dtype: torch.dtype, reps: int, tokens: tuple[int, ...] | None = None
 ) -> Iterator[dict]:
+    from pruning.infer import Sparse24Linear
     from pruning.methods import prune_magnitude_
-    from pruning.sparse24 import Sparse24Linear
     from wanda_kernels.sparse24_mm import last_tuned_config, sparse24_linear
 
     cases = SMOKE_LINEARS if smoke else [(f"{m}.{n}", linear_shape(m, n)) for m, n in LINEAR_CASES]
@@ -299,9 +232,9 @@ def _agreement_with_eager(model, short_prompt: torch.Tensor, graphed_tokens: tor
     """The fraction of greedy tokens an eager decoder produces alike the timed (graphed) one did from the same
     short prompt, with a cache of the same length: the same kernels, so 1.0 unless the graph replays something
     else than the step (a stale position, a cache written in the wrong place)."""
-    from pruning.runner import GreedyDecoder
+    from pruning.infer.runner import GreedyDecoder
 
-    eager = GreedyDecoder(model, short_prompt.shape[0], max_len, use_graph=False)
+    eager = GreedyDecoder(model, short_prompt.shape[0], max_len, use_graph=False, backend=KERNELS)
     agreement = float((eager.generate(short_prompt, graphed_tokens.shape[1]) == graphed_tokens).float().mean())
     del eager
     gc.collect()  # the decoder and its cache layers refer to each other: free the cache now
@@ -309,7 +242,7 @@ def _agreement_with_eager(model, short_prompt: torch.Tensor, graphed_tokens: tor
 
 
 def _measure_model(model, label, provider, device, dtype, smoke, reps, reference: dict, fused: dict) -> Iterator[dict]:
-    from pruning.runner import GreedyDecoder, PrefillRunner
+    from pruning.infer.runner import GreedyDecoder, PrefillRunner
 
     vocab = model.config.vocab_size
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -338,7 +271,7 @@ def _measure_model(model, label, provider, device, dtype, smoke, reps, reference
     for batch in DECODE_BATCHES:
         prompt = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
         max_len = context + steps + 8  # + the profiled steps
-        decoder = GreedyDecoder(model, batch, max_len)
+        decoder = GreedyDecoder(model, batch, max_len, backend=KERNELS)
         decoder.prefill(prompt)
         decoder.step()  # captures the graph (GPU) outside the timed region
         if device.type == "cuda":
@@ -356,7 +289,7 @@ def _measure_model(model, label, provider, device, dtype, smoke, reps, reference
         del decoder
         gc.collect()  # the decoder and its cache layers refer to each other: free the large cache now
         agreement = _agreement_with_eager(model, short_prompt, graphed_tokens, max_len)
-        timing = {"median_ms": ms_per_token, "p20_ms": ms_per_token, "p80_ms": ms_per_token, "reps": steps}
+        timing = once(ms_per_token, steps)
         key = ("decode", batch)
         ref_ms = reference[key]["median_ms"] if key in reference else None
         # The 2:4 model's greedy tokens against the dense-with-zeros model's (recorded, not a check: fp16
@@ -372,7 +305,7 @@ def _measure_model(model, label, provider, device, dtype, smoke, reps, reference
 def bench_models(
     device: torch.device, smoke: bool, dtype: torch.dtype, reps: int, models=None, fuse: bool = True
 ) -> Iterator[dict]:
-    from pruning.fusion import fuse_projections_, fuse_small_ops_
+    from pruning.infer.fusion import fuse_projections_, fuse_small_ops_
     from pruning.sparse24 import compress_model_24
 
     for name in SMOKE_MODELS if smoke else (MODEL_NAMES if models is None else models):
@@ -381,7 +314,7 @@ def bench_models(
         log.info("inference: %s", name)
         model = build_model(name, device, dtype)
         prune_24_(model)
-        fused = {**fuse_small_ops_(model), "projections": fuse_projections_(model)} if fuse else {}
+        fused = {**fuse_small_ops_(model, backend=KERNELS), "projections": fuse_projections_(model)} if fuse else {}
         reference: dict = {}
         for provider in ("dense", "sparse24"):
             if provider == "sparse24":
@@ -393,7 +326,7 @@ def bench_models(
                 yield from _measure_model(model, name, provider, device, dtype, smoke, reps, reference, fused)
             except (RuntimeError, ValueError) as err:  # keep the other models' numbers; the failure is a record
                 log.exception("inference: %s %s failed", name, provider)
-                timing = {"median_ms": None, "p20_ms": None, "p80_ms": None, "reps": 0}
+                timing = once(None, 0)
                 yield _record("model", provider, name, (), dtype, timing, None, False, error=str(err)[:500])
         del model, reference
         gc.collect()

@@ -1,6 +1,6 @@
 """Kernel suite: each op on real layer shapes against locuslab/wanda's code path and vectorized torch.
 
-Providers measured in the same run on the same data:
+Providers measured in the same run on the same data (the references: ``bench.baselines``):
   ours             the Triton op (wanda_kernels)
   locuslab         prune_wanda's code: abs*sqrt, stable sort + scatter, a Python loop of topk for N:M
   torch_vectorized the best plain torch: topk per row, reshape + topk for N:M
@@ -16,91 +16,21 @@ from collections.abc import Iterator
 import torch
 
 import wanda_kernels as wk
+from bench.baselines import locuslab_add_batch_, locuslab_magnitude_mask, locuslab_prune_, vectorized_prune_
+from bench.records import record
 from bench.shapes import KERNEL_SUITE, SMOKE_SUITE, linear_shape
 from bench.timing import time_op
 from wanda_kernels import reference as ref
 
 log = logging.getLogger(__name__)
 
-
-# --- the two reference implementations (what users run today) ----------------------------------
-
-
-def locuslab_prune_(weight: torch.Tensor, scaler_row: torch.Tensor, sparsity: float, n: int, m: int) -> torch.Tensor:
-    """locuslab/wanda lib/prune.py prune_wanda, per matrix, verbatim apart from names."""
-    w_metric = torch.abs(weight) * torch.sqrt(scaler_row.reshape((1, -1)))
-    w_mask = torch.zeros_like(w_metric) == 1
-    if n != 0:
-        for ii in range(w_metric.shape[1]):
-            if ii % m == 0:
-                tmp = w_metric[:, ii : (ii + m)].float()
-                w_mask.scatter_(1, ii + torch.topk(tmp, n, dim=1, largest=False)[1], True)
-    else:
-        sort_res = torch.sort(w_metric, dim=-1, stable=True)
-        indices = sort_res[1][:, : int(w_metric.shape[1] * sparsity)]
-        w_mask.scatter_(1, indices, True)
-    weight[w_mask] = 0
-    return w_mask
-
-
-def vectorized_prune_(weight: torch.Tensor, scaler_row: torch.Tensor, sparsity: float, n: int, m: int) -> torch.Tensor:
-    """The fastest plain-torch formulation we know: topk per row, or reshape to groups + topk."""
-    w_metric = weight.abs().float() * torch.sqrt(scaler_row)[None, :]
-    rows, cols = w_metric.shape
-    if n:
-        groups = w_metric.reshape(rows, cols // m, m)
-        mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(
-            2, torch.topk(groups, n, dim=2, largest=False)[1], True
-        )
-        mask = mask.reshape(rows, cols)
-    else:
-        idx = torch.topk(w_metric, int(cols * sparsity), dim=1, largest=False)[1]
-        mask = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device).scatter_(1, idx, True)
-    weight.masked_fill_(mask, 0)
-    return mask
-
-
-def locuslab_magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """locuslab/wanda prune_magnitude's mask: a full sort of |W| for one threshold."""
-    w_metric = torch.abs(weight)
-    thresh = torch.sort(w_metric.flatten())[0][int(weight.numel() * sparsity)]
-    return w_metric <= thresh
-
-
-def locuslab_add_batch_(scaler_row: torch.Tensor, inp: torch.Tensor, nsamples: int) -> None:
-    """WrappedGPT.add_batch's statistic (for one batch of one sample, as the reference runs it)."""
-    tmp = 1
-    inp = inp.reshape((-1, inp.shape[-1])).t()
-    scaler_row *= nsamples / (nsamples + tmp)
-    nsamples += tmp
-    inp = inp.type(torch.float32)
-    scaler_row += torch.norm(inp, p=2, dim=1) ** 2 / nsamples
-
-
-# --- the suite ------------------------------------------------------------------------------------
+SUITE = "kernels"
 
 
 def _cases(smoke: bool) -> list[tuple[str, tuple[int, int]]]:
     if smoke:
         return SMOKE_SUITE
     return [(f"{model}.{linear}", linear_shape(model, linear)) for model, linear in KERNEL_SUITE]
-
-
-def _record(op, provider, label, shape, dtype, timing, nbytes, reference_ms, copy_ms, correct):
-    median = timing["median_ms"]
-    return {
-        "suite": "kernels",
-        "op": op,
-        "provider": provider,
-        "label": label,
-        "shape": list(shape),
-        "dtype": str(dtype).removeprefix("torch."),
-        **timing,
-        "gbps": nbytes / (median * 1e-3) / 1e9 if nbytes else None,
-        "x_copy": median / copy_ms if copy_ms else None,
-        "speedup_vs_reference": reference_ms / median if reference_ms else None,
-        "correct": correct,
-    }
 
 
 PRUNE_PROVIDERS = {"ours": wk.wanda_prune_, "torch_vectorized": vectorized_prune_, "locuslab": locuslab_prune_}
@@ -127,7 +57,8 @@ def _bench_matrix(label, shape, dtype, device, gen, reps) -> list[dict]:
     elem = weight.element_size()
     copy_t = time_op(restore, device=device, reps=reps)
     copy_ms = copy_t["median_ms"]
-    records = [_record("copy", "copy", label, shape, dtype, copy_t, 2 * elem * weight.numel(), None, copy_ms, True)]
+    common = {"label": label, "shape": shape, "dtype": dtype, "copy_ms": copy_ms}
+    records = [record(SUITE, "copy", "copy", **common, timing=copy_t, nbytes=2 * elem * weight.numel(), correct=True)]
 
     for op, (sparsity, n, m) in {"wanda_prune_unstructured": (0.5, 0, 0), "wanda_prune_2:4": (0.5, 2, 4)}.items():
         expected = ref.wanda_prune_torch(weight.clone(), act_sq_norms, sparsity, n, m)
@@ -140,7 +71,10 @@ def _bench_matrix(label, shape, dtype, device, gen, reps) -> list[dict]:
         reference_ms = timings["locuslab"][0]["median_ms"]
         nbytes = weight.numel() * (2 * elem + 1)  # read W, write W, write the bool mask
         for provider, (timing, correct) in timings.items():
-            records.append(_record(op, provider, label, shape, dtype, timing, nbytes, reference_ms, copy_ms, correct))
+            records.append(
+                record(SUITE, op, provider, **common, timing=timing, correct=correct, reference_ms=reference_ms,
+                       nbytes=nbytes)
+            )  # fmt: skip
 
     # Magnitude baseline: one per-matrix threshold (locuslab: a full sort of |W|).
     expected = ref.magnitude_mask_torch(weight, 0.5)
@@ -152,10 +86,9 @@ def _bench_matrix(label, shape, dtype, device, gen, reps) -> list[dict]:
         correct = bool(torch.equal(fn(weight, 0.5), expected))
         nbytes = weight.numel() * (elem + 1)
         records.append(
-            _record(
-                "magnitude_mask", provider, label, shape, dtype, timing, nbytes, mag_loc["median_ms"], copy_ms, correct
-            )
-        )
+            record(SUITE, "magnitude_mask", provider, **common, timing=timing, correct=correct,
+                   reference_ms=mag_loc["median_ms"], nbytes=nbytes)
+        )  # fmt: skip
     return records
 
 
@@ -172,7 +105,18 @@ def _bench_sq_norms(label, cols, tokens, dtype, device, gen, reps) -> list[dict]
     nbytes = x.numel() * x.element_size()
     shape = (tokens, cols)
     return [
-        _record("accumulate_sq_norms", provider, label, shape, dtype, timing, nbytes, loc_t["median_ms"], None, correct)
+        record(
+            SUITE,
+            "accumulate_sq_norms",
+            provider,
+            label,
+            shape,
+            dtype,
+            timing=timing,
+            correct=correct,
+            reference_ms=loc_t["median_ms"],
+            nbytes=nbytes,
+        )  # fmt: skip
         for provider, timing, correct in (
             ("locuslab", loc_t, None),
             ("ours", ours_t, ours_ok),

@@ -1,4 +1,10 @@
-"""Benchmark records: one JSON line per measurement, with the environment that produced it."""
+"""Benchmark records: one JSON line per measurement, with the environment that produced it.
+
+``record`` builds every suite's measurement: what was measured (suite, op, provider, label, shape, dtype), its
+timing (median/p20/p80 ms, reps), ``gbps`` (``nbytes`` moved per median call), ``x_copy`` (median over a plain
+copy's), ``speedup_vs_reference`` (the reference's median over this one), ``correct`` (None: not checked), and
+the suite's own fields. ``bench.__main__`` adds the environment and the mode.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,45 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def record(
+    suite: str,
+    op: str,
+    provider: str,
+    label: str,
+    shape,
+    dtype: torch.dtype,
+    *,
+    timing: dict,
+    correct: bool | None,
+    reference_ms: float | None = None,
+    nbytes: int | None = None,
+    copy_ms: float | None = None,
+    **fields,
+) -> dict:
+    """One measurement as a JSON-ready dict; ``timing`` as ``bench.timing.time_op`` returns it (or ``once``'s);
+    ratios are None where their denominator's measurement is missing."""
+    median = timing["median_ms"]
+    return {
+        "suite": suite,
+        "op": op,
+        "provider": provider,
+        "label": label,
+        "shape": list(shape),
+        "dtype": str(dtype).removeprefix("torch."),
+        **timing,
+        "gbps": nbytes / (median * 1e-3) / 1e9 if nbytes else None,
+        "x_copy": median / copy_ms if copy_ms else None,
+        "speedup_vs_reference": reference_ms / median if reference_ms else None,
+        "correct": correct,
+        **fields,
+    }
+
+
+def once(ms: float | None, reps: int) -> dict:
+    """The timing of a value measured once (or averaged by the caller over ``reps``): median = p20 = p80."""
+    return {"median_ms": ms, "p20_ms": ms, "p80_ms": ms, "reps": reps}
 
 
 def environment(device: torch.device) -> dict[str, str | None]:

@@ -12,7 +12,7 @@ class DecoderShape:
     n_layers: int
     kv_dim: int | None = None  # grouped-query attention: k/v projection width
     gated: bool = False  # LLaMA's gate/up/down MLP instead of OPT's fc1/fc2
-    n_heads: int = 0  # attention heads (what a random-weight model of these dims needs; bench/e2e.py)
+    n_heads: int = 0  # attention heads (what a random-weight model of these dims needs; bench/fixtures/models.py)
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """Linear name -> (out_features, in_features) for one decoder layer."""
@@ -31,7 +31,7 @@ class DecoderShape:
         return {**attn, **mlp}
 
     def fused_linears(self) -> dict[str, tuple[int, int]]:
-        """The products ``pruning.fusion.fuse_projections_`` makes of Linears that share an input."""
+        """The products ``pruning.infer.fusion.fuse_projections_`` makes of Linears that share an input."""
         kv = self.kv_dim or self.hidden
         fused = {"qkv_proj": (self.hidden + 2 * kv, self.hidden)}
         if self.gated:

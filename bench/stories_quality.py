@@ -37,9 +37,9 @@ ABLATION_CONFIGS = [
 
 def run(data_dir: Path = SHARED_DATA, configs: list[tuple[str, str]] = CONFIGS) -> list[dict]:
     import pruning
+    from bench.fixtures.llama2c import load_llama2c
     from pruning.data import get_calibration_ids, get_eval_ids
     from pruning.evaluate import perplexity
-    from pruning.llama2c import load_llama2c
 
     stories = data_dir / "stories260K"
     dense, tokenizer = load_llama2c(stories / "stories260K.bin", stories / "tok512.bin")

@@ -1,16 +1,18 @@
-"""Typed pruning configuration (library code takes this, never an argparse Namespace)."""
+"""Typed pruning configuration: what to prune and how (library code takes this, never an argparse Namespace)."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
 
+from pruning.errors import OptionError
+from wanda_kernels.policy import BACKENDS
+
 METHODS = (
     "magnitude", "wanda", "sparsegpt",
     # locuslab/wanda's ablations: SparseGPT's updates, the mask chosen by Wanda's or the magnitude metric
     "ablate_mag_seq", "ablate_wanda_seq", "ablate_mag_iter", "ablate_wanda_iter",
 )  # fmt: skip
-BACKENDS = ("auto", "triton", "torch")
 
 
 def parse_sparsity_type(sparsity_type: str) -> tuple[int, int]:
@@ -35,29 +37,26 @@ class PruneConfig:
     true_sequential: bool = False  # statistics for later sublayers after earlier ones are pruned
     backend: str = "auto"  # triton on CUDA, torch on CPU
     calib_batch_size: int | None = None  # calibration samples per forward; None = from a memory budget
-    offload: bool = False  # keep the model in CPU RAM, move one decoder layer at a time to the GPU
     blocksize: int = 128  # SparseGPT
     percdamp: float = 0.01  # SparseGPT
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"prune_method must be one of {', '.join(METHODS)}, got {self.method!r}")
+            raise OptionError(f"{{method}} must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+            raise OptionError(f"{{backend}} must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if isinstance(self.sparsity_ratio, bool) or not isinstance(self.sparsity_ratio, (int, float)):
             raise ValueError(f"sparsity_ratio must be a number in [0, 1), got {self.sparsity_ratio!r}")
         if not 0.0 <= self.sparsity_ratio < 1.0:
             raise ValueError(f"sparsity_ratio must be in [0, 1), got {self.sparsity_ratio}")
         n, m = parse_sparsity_type(self.sparsity_type)
         if m and abs(self.sparsity_ratio - n / m) > 1e-9:
-            raise ValueError(
+            raise OptionError(
                 f"sparsity_type {self.sparsity_type} prunes exactly {n}/{m} = {n / m:g} of the weights; "
-                f"use --sparsity_ratio {n / m:g} (got {self.sparsity_ratio})"
+                f"use {{sparsity_ratio}} {n / m:g} (got {self.sparsity_ratio})"
             )
         if self.use_variant and (self.method != "wanda" or m):
-            raise ValueError(
-                "--use_variant is Wanda's unstructured variant: use it with --prune_method wanda, unstructured"
-            )
+            raise OptionError("{use_variant} is Wanda's unstructured variant: use it with {method} wanda, unstructured")
         if self.calib_batch_size is not None and self.calib_batch_size <= 0:
             raise ValueError(f"calib_batch_size must be positive, got {self.calib_batch_size}")
         if self.blocksize <= 0 or not 0 < self.percdamp:
@@ -66,6 +65,11 @@ class PruneConfig:
     @property
     def nm(self) -> tuple[int, int]:
         return parse_sparsity_type(self.sparsity_type)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether pruning reads activations: every method but magnitude, unless nothing is pruned."""
+        return self.method != "magnitude" and self.sparsity_ratio > 0
 
     @classmethod
     def from_options(cls, **options) -> PruneConfig:

@@ -14,13 +14,14 @@ import json
 import logging
 import os
 import random
-import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
+
+from pruning import hub
+from pruning.errors import OptionError, quote
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +40,13 @@ WIKITEXT_TRAIN_JOIN = " "
 WIKITEXT_TEST_JOIN = "\n\n"
 LOCAL_DOC_JOIN = "\n\n"
 
-_HUB_PROBE_TIMEOUT_S = 3.0
-
 
 class DataError(ValueError):
     """A data source cannot provide what was asked; the message says what to do instead."""
+
+
+class DataOptionError(DataError, OptionError):
+    """A :class:`DataError` whose fix is another value of an option (``pruning.errors``)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -216,28 +219,6 @@ def _check_local(source: str | Path) -> Path:
 # hub datasets
 
 
-def _hub_offline() -> bool:
-    """Whether the datasets library is in offline (cache-only) mode."""
-    import datasets
-
-    return bool(getattr(datasets.config, "HF_HUB_OFFLINE", False))
-
-
-def _hub_reachable(timeout_s: float = _HUB_PROBE_TIMEOUT_S) -> bool:
-    """Quick TCP probe of the Hub endpoint, so an offline machine fails in seconds instead of retrying for long."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
-        return True  # behind a proxy a direct probe proves nothing; let the datasets library try
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    url = urlparse(endpoint)
-    host = url.hostname or "huggingface.co"
-    port = url.port or (443 if url.scheme != "http" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
 def _offline_hint(source: str) -> str:
     return (
         f"pass a local text file or directory instead of {source!r} (e.g. a .txt file), "
@@ -250,7 +231,7 @@ def _load_hub_split(source: str, split: str, cache_dir: str | Path | None) -> An
 
     The datasets cache comes first (``HF_DATASETS_CACHE``, where Wanda's ``load_dataset`` calls put them: it
     passes its ``--cache_dir`` to the model only), then ``cache_dir`` if given."""
-    if not _hub_offline() and not _hub_reachable():
+    if not hub.datasets_offline() and not hub.reachable():
         raise DataError(
             f"cannot reach the Hugging Face Hub to download {source!r} {split} data; " + _offline_hint(source)
         )
@@ -289,9 +270,9 @@ def _c4_calibration(docs: Any, tokenizer: Any, nsamples: int, seqlen: int, seed:
         while True:
             tries += 1
             if tries > max_tries:
-                raise DataError(
-                    f"{what}: found no document longer than seqlen={seqlen} tokens in {tries - 1} draws; "
-                    "use longer documents or a smaller --seqlen"
+                raise DataOptionError(
+                    f"{quote(what)}: found no document longer than seqlen={seqlen} tokens in {tries - 1} draws; "
+                    "use longer documents or a smaller {seqlen}"
                 )
             doc = docs[rng.randint(0, n_docs - 1)]
             doc_ids = tokenize(tokenizer, doc if isinstance(doc, str) else doc["text"])

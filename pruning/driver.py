@@ -19,18 +19,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pruning.adapters import DecoderAdapter, UnsupportedModelError, get_adapter
+from pruning.adapters import UnsupportedModelError
 from pruning.config import PruneConfig
+from pruning.errors import OptionError
 from pruning.layerwise import (
     LayerInputs,
     StopForward,
-    activation_store,
     capture_layer_inputs,
-    check_layers_placeable,
-    compute_device_for,
     feed_layer,
-    module_device,
-    on_device,
     run_layer,
     with_smaller_batches_on_oom,
 )
@@ -44,6 +40,9 @@ from pruning.methods import (
     prune_wanda_,
     sparsegpt_inverse_hessian,
 )
+from pruning.placement import activation_store, compute_device_for, on_device
+from pruning.plan import PrunePlan
+from pruning.plan import plan as make_plan
 from pruning.sparsity import check_sparsity, linear_zero_counts
 
 log = logging.getLogger(__name__)
@@ -75,64 +74,6 @@ class PruneReport:
         return asdict(self)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> Triton on CUDA, the torch reference on CPU (Triton only runs there under its interpreter)."""
-    from wanda_kernels._runtime import interpreting
-
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and not interpreting():
-        raise ValueError("--backend triton needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU); use --backend torch")
-    return backend
-
-
-def validate_calibration_ids(calibration_ids: torch.Tensor | None, model: nn.Module) -> tuple[int, int]:
-    if not isinstance(calibration_ids, torch.Tensor) or calibration_ids.ndim != 2:
-        got = tuple(calibration_ids.shape) if isinstance(calibration_ids, torch.Tensor) else calibration_ids
-        raise ValueError(
-            f"calibration_ids must be a LongTensor [nsamples, seqlen] of token ids (see "
-            f"pruning.data.get_calibration_ids), got {got!r}"
-        )
-    if calibration_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"calibration_ids must hold token ids (int64), got {calibration_ids.dtype}")
-    nsamples, seqlen = calibration_ids.shape
-    if nsamples <= 0 or seqlen <= 0:
-        raise ValueError(f"calibration_ids is empty: shape {tuple(calibration_ids.shape)}")
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions is not None and seqlen > max_positions:
-        raise ValueError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {max_positions}")
-    return nsamples, seqlen
-
-
-def _check_nm_divisibility(layers: nn.ModuleList, config: PruneConfig) -> None:
-    """N:M groups run along in_features: refuse up front (not after hours of pruning) when one does not divide."""
-    n, m = config.nm
-    if not m:
-        return
-    bad = sorted(
-        {f"{name} (in_features {mod.in_features})" for layer in layers for name, mod in layer.named_modules()
-         if isinstance(mod, nn.Linear) and mod.in_features % m}
-    )  # fmt: skip
-    if bad:
-        raise ValueError(f"{config.sparsity_type} needs in_features divisible by {m}; not so for {', '.join(bad)}")
-
-
-def auto_batch_size(model: nn.Module, adapter: DecoderAdapter, nsamples: int, seqlen: int, device: torch.device) -> int:
-    """Calibration samples per layer forward, from a budget of a quarter of the free GPU memory."""
-    if device.type != "cuda":
-        return min(nsamples, 8)
-    layer = adapter.layers(model)[0]
-    widths = [m.out_features for m in layer.modules() if isinstance(m, nn.Linear)]
-    hidden = model.config.hidden_size
-    elem = next(model.parameters()).element_size()
-    heads = getattr(model.config, "num_attention_heads", 1)
-    # Live activations of one sample through a layer: residual + q/k/v/attn + MLP intermediates, plus
-    # a [heads, T, T] score matrix in case attention falls back to the math path.
-    per_sample = seqlen * (8 * hidden + 3 * max(widths)) * elem + heads * seqlen * seqlen * elem
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(max(1, min(nsamples, 64, (free // 4) // per_sample)))
-
-
 class _GroupStatistics:
     """Calibration statistics of one Linear group, fed by a forward hook on the group's first module."""
 
@@ -160,6 +101,10 @@ class _GroupStatistics:
         if self.ablate_scaler is not None:
             accumulate_ablate_scaler_(self.ablate_scaler, x, self.n_seen)
         self.n_seen = accumulate_hessian_(self.hessian, x, self.n_seen)
+
+
+class UnsupportedModelOptionError(UnsupportedModelError, OptionError):
+    """The model cannot be pruned as asked; another option value can."""
 
 
 MAX_TRITON_SPARSEGPT_BLOCK = 512  # the block kernel keeps a row tile of this many columns in registers
@@ -220,9 +165,9 @@ def _collect_statistics(
             h.remove()
     unseen = sorted(name for name, group_stats in stats.items() if group_stats.inputs_seen == 0)
     if unseen:  # pruning on empty statistics would zero these weights (SparseGPT) or rank them at random (Wanda)
-        raise UnsupportedModelError(
+        raise UnsupportedModelOptionError(
             f"{', '.join(unseen)} received no input when the decoder layer ran on the calibration data, so it "
-            "cannot be pruned from activations; this layer's forward skips it (use --prune_method magnitude)"
+            "cannot be pruned from activations; this layer's forward skips it (use {method} magnitude)"
         )
     return stats
 
@@ -254,66 +199,77 @@ def _collect_and_prune(
     del stats
 
 
+def as_config(
+    config: PruneConfig | str | None, sparsity_ratio: float | None, sparsity_type: str | None, options: dict
+) -> PruneConfig:
+    """A :class:`PruneConfig`, given as one or as its fields (``"wanda", 0.5, "2:4"``, keyword options)."""
+    if isinstance(config, PruneConfig):
+        if sparsity_ratio is not None or sparsity_type is not None or options:
+            raise TypeError("pass either a PruneConfig or its fields as options, not both")
+        return config
+    if config is not None:
+        options["method"] = config
+    if sparsity_ratio is not None:
+        options["sparsity_ratio"] = sparsity_ratio
+    if sparsity_type is not None:
+        options["sparsity_type"] = sparsity_type
+    return PruneConfig.from_options(**options)
+
+
 @torch.no_grad()
 def prune_model(
     model: nn.Module,
     calibration_ids: torch.Tensor | None,
-    method: str = "wanda",
-    sparsity_ratio: float = 0.5,
-    sparsity_type: str = "unstructured",
+    config: PruneConfig | str | None = None,
+    sparsity_ratio: float | None = None,
+    sparsity_type: str | None = None,
+    *,
+    plan: PrunePlan | None = None,
     **options,
 ) -> PruneReport:
     """Prune every Linear of every decoder layer of ``model`` in place; return a :class:`PruneReport`.
 
-    ``calibration_ids``: LongTensor [nsamples, seqlen] (unused by magnitude). Options are the fields of
-    :class:`pruning.config.PruneConfig` (use_variant, true_sequential, backend, calib_batch_size, ...).
-    The model is pruned where it sits: on a GPU, across GPUs (``device_map``), or in CPU RAM, in which
-    case each decoder layer is streamed to the GPU when there is one.
+    ``calibration_ids``: LongTensor [nsamples, seqlen] (unused by magnitude). ``config``: a
+    :class:`pruning.config.PruneConfig`, or its fields: ``prune_model(model, ids, "wanda", 0.5, "2:4",
+    calib_batch_size=4)``. ``plan``: the checks of :func:`pruning.plan.plan`, made already for this config.
+    The model is pruned where it sits: on a GPU, across GPUs (``device_map``), or in CPU RAM, in which case
+    each decoder layer is streamed to the GPU when there is one.
     """
-    config = PruneConfig.from_options(
-        method=method, sparsity_ratio=sparsity_ratio, sparsity_type=sparsity_type, **options
-    )
-    adapter = get_adapter(model)
-    layers = adapter.layers(model)
-    if sparsity_ratio > 0:  # before any layer is pruned (ratio 0 prunes nothing and needs no placement)
-        check_layers_placeable(layers)
-    first_device = compute_device_for(layers[0])
-    backend = resolve_backend(config.backend, first_device)
-    _check_nm_divisibility(layers, config)
-    needs_data = config.method != "magnitude" and config.sparsity_ratio > 0  # ratio 0: nothing is pruned
-    nsamples, seqlen = validate_calibration_ids(calibration_ids, model) if needs_data else (0, 0)
-    batch_size = config.calib_batch_size or (
-        auto_batch_size(model, adapter, nsamples, seqlen, first_device) if needs_data else 0
-    )
-    streamed = module_device(layers[0]).type == "cpu" and first_device.type == "cuda"
+    config = as_config(config, sparsity_ratio, sparsity_type, options)
+    if plan is None:
+        plan = make_plan(model, config, calibration_ids)
+    elif plan.config != config:
+        raise ValueError("plan was made for another PruneConfig than the one given")
     report = PruneReport(
-        config.method, config.sparsity_type, config.sparsity_ratio, backend, nsamples, seqlen, batch_size, streamed
-    )
-    if first_device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(first_device)
+        config.method, config.sparsity_type, config.sparsity_ratio, plan.backend, plan.nsamples, plan.seqlen,
+        plan.batch_size, plan.streamed,
+    )  # fmt: skip
+    if plan.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(plan.device)
     model.eval()
     start = time.perf_counter()
     if config.sparsity_ratio == 0:
         log.info("sparsity_ratio 0: nothing to prune")
     else:
-        _prune_layers(model, adapter, layers, calibration_ids, config, backend, batch_size, report)
+        _prune_layers(model, plan, calibration_ids, report)
     report.seconds = time.perf_counter() - start
     if not report.layers:  # nothing pruned: measure what the model holds
         report.actual_sparsity = check_sparsity(model, log_layers=False)
-    if first_device.type == "cuda":
-        report.peak_gpu_memory_bytes = torch.cuda.max_memory_allocated(first_device)
+    if plan.device.type == "cuda":
+        report.peak_gpu_memory_bytes = torch.cuda.max_memory_allocated(plan.device)
     log.info("pruned to %.4f sparsity in %.1f s", report.actual_sparsity, report.seconds)
     return report
 
 
-def _prune_layers(model, adapter, layers, calibration_ids, config, backend, batch_size, report) -> None:
+def _prune_layers(model: nn.Module, plan: PrunePlan, calibration_ids, report: PruneReport) -> None:
+    config, adapter, layers, backend = plan.config, plan.adapter, plan.layers, plan.backend
     inputs = None
     store = None
     if config.method != "magnitude":
         device = compute_device_for(layers[0])
         hidden_bytes = calibration_ids.numel() * model.config.hidden_size * next(model.parameters()).element_size()
         store = activation_store(hidden_bytes, device)
-        inputs = capture_layer_inputs(model, adapter, calibration_ids, batch_size, store)
+        inputs = capture_layer_inputs(model, adapter, calibration_ids, plan.batch_size, store)
     zeros = total = 0
     for index, layer in enumerate(tqdm(layers, desc=f"{config.method} {config.sparsity_type}", unit="layer")):
         t0 = time.perf_counter()

@@ -4,10 +4,12 @@ Perplexity protocol: the evaluation text is tokenized once into ids [1, N]; ids 
 windows of `seqlen` tokens (the remainder is dropped); each window is scored independently (no context carried over)
 on its seqlen - 1 next-token predictions; ppl = exp(mean NLL over all scored tokens). Every window scores the same
 number of tokens, so this equals Wanda's exp(sum_w mean_nll_w * seqlen / (n_windows * seqlen)).
+A model in CPU RAM with a GPU present is evaluated one decoder layer at a time on the GPU (``model_*``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -18,7 +20,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pruning.adapters import DecoderAdapter, check_one_mask_for_every_layer, get_adapter
+from pruning.layerwise import capture_layer_inputs, run_layer, with_smaller_batches_on_oom
 from pruning.oom import retry_with_half_batch
+from pruning.placement import (
+    activation_store,
+    check_layers_placeable,
+    compute_device_for,
+    layers_streamed_through,
+    on_device,
+    streamed_from_cpu,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +120,45 @@ def perplexity(
     return math.exp(mean_nll)
 
 
+@torch.no_grad()
+def layerwise_perplexity(
+    model: torch.nn.Module, adapter: DecoderAdapter, ids: torch.Tensor, seqlen: int, batch_size: int = 1
+) -> float:
+    """The published perplexity protocol (disjoint seqlen windows, remainder dropped) computed one decoder
+    layer at a time, for models that live in CPU RAM and are streamed through the GPU."""
+    ids = ids.reshape(1, -1)
+    n_windows = ids.shape[1] // seqlen
+    if n_windows == 0:
+        raise ValueError(f"evaluation text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
+    windows = ids[0, : n_windows * seqlen].reshape(n_windows, seqlen)
+    layers = adapter.layers(model)
+    check_one_mask_for_every_layer(model.config)  # every layer gets layer 0's mask
+    check_layers_placeable(layers)  # before the capture, not at the first layer that cannot run
+    device = compute_device_for(layers[0])
+    hidden_bytes = windows.numel() * model.config.hidden_size * next(model.parameters()).element_size()
+    store = activation_store(hidden_bytes, device)
+    inputs = capture_layer_inputs(model, adapter, windows, batch_size, store)
+    for index, layer in enumerate(layers):
+        layer_device = compute_device_for(layer)
+        with on_device([layer], layer_device):
+            inputs.hidden = with_smaller_batches_on_oom(
+                inputs, functools.partial(run_layer, layer, inputs, layer_device, store), f"evaluating layer {index}"
+            )
+    head = adapter.head_modules(model)
+    head_device = compute_device_for(head[-1])
+    total_nll = 0.0
+    with on_device(head, head_device):
+        start = 0  # batches may have been split after an out-of-memory error: pair them with windows by count
+        for hidden in inputs.hidden:
+            batch_ids = windows[start : start + hidden.shape[0]]
+            start += hidden.shape[0]
+            x = hidden.to(head_device)
+            for module in head:
+                x = module(x)
+            total_nll += summed_next_token_nll(x, batch_ids)
+    return math.exp(total_nll / (n_windows * (seqlen - 1)))
+
+
 def unknown_zero_shot_tasks(tasks: Sequence[str], include_path: str | None = None) -> list[str]:
     """The names in ``tasks`` that are no task, group or tag lm-eval knows (with ``include_path``'s YAMLs).
     Exact names: ``simple_evaluate`` does not expand wildcards."""
@@ -155,3 +206,21 @@ def zero_shot(
     if results is None:  # non-zero ranks in distributed runs
         return {}
     return dict(results["results"])
+
+
+def model_perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, batch_size: int = 1) -> float:
+    """:func:`perplexity`, or :func:`layerwise_perplexity` for a model in CPU RAM when a GPU can run its layers."""
+    adapter = get_adapter(model)
+    if streamed_from_cpu(model, adapter):
+        return layerwise_perplexity(model, adapter, ids, seqlen, batch_size)
+    return perplexity(model, ids, seqlen, batch_size=batch_size)
+
+
+def model_zero_shot(model: Any, tokenizer: Any, tasks: Sequence[str], **options) -> dict[str, dict[str, Any]]:
+    """:func:`zero_shot`; a model in CPU RAM runs on the GPU with its decoder layers streamed through it."""
+    adapter = get_adapter(model)
+    placement = contextlib.nullcontext()
+    if streamed_from_cpu(model, adapter):
+        placement = layers_streamed_through(model, adapter, compute_device_for(adapter.layers(model)[0]))
+    with placement:
+        return zero_shot(model, tokenizer, tasks, **options)

@@ -7,20 +7,19 @@ minutes of HTTP retries.
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pruning import hub
 from pruning.adapters import get_adapter
+from pruning.errors import OptionError, quote
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_TRUE = ("1", "on", "yes", "true")
 
 
 def _looks_like_path(name: str) -> bool:
@@ -28,37 +27,12 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
 
 
-def hub_offline_mode() -> bool:
-    """``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set, read now (huggingface_hub reads them once, at import)."""
-    from huggingface_hub import constants
-
-    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").strip().lower()
-    return constants.HF_HUB_OFFLINE or env in _TRUE
-
-
-@functools.lru_cache(maxsize=1)
-def _hub_answers() -> bool:
-    from pruning.data import _hub_reachable
-
-    return _hub_reachable()
-
-
-def hub_available() -> bool:
-    """Whether a hub id can be looked up online: not in offline mode, and the endpoint answers a quick probe."""
-    if hub_offline_mode():
-        return False
-    reachable = _hub_answers()
-    if not reachable:
-        log.debug("the Hugging Face Hub does not answer: loading from the local cache only")
-    return reachable
-
-
 def _source(name: str) -> tuple[str, dict]:
     """The name to pass to ``from_pretrained`` (a path with ``~`` expanded) and ``local_files_only`` if needed."""
     path = Path(name).expanduser()
     if _looks_like_path(name):
         return str(path), {"local_files_only": True}
-    return name, ({} if hub_available() else {"local_files_only": True})
+    return name, ({} if hub.models_available() else {"local_files_only": True})
 
 
 def _first_line(err: Exception) -> str:
@@ -82,12 +56,12 @@ def _not_found(name: str, cache_dir: str | None, err: Exception, offline: bool) 
                 "model directory; pass the directory that save_pretrained wrote"
             )
         return ValueError(f"cannot load model {name!r}: {_first_line(err)}")
-    cache = f"--cache_dir {cache_dir}" if cache_dir else "the Hugging Face cache"
+    cache = f"{{cache_dir}} {quote(cache_dir)}" if cache_dir else "the Hugging Face cache"
     if offline:
-        why = "offline mode is set" if hub_offline_mode() else "the Hugging Face Hub is unreachable"
-        return ValueError(
-            f"cannot load model {name!r}: not in {cache} and {why}; download it where there is network "
-            "(or fix the id) and pass its local directory to --model"
+        why = "offline mode is set" if hub.models_offline() else "the Hugging Face Hub is unreachable"
+        return OptionError(
+            f"cannot load model {quote(repr(name))}: not in {cache} and {why}; download it where there is network "
+            "(or fix the id) and pass its local directory to {model}"
         )
     return ValueError(
         f"cannot load model {name!r} from the Hugging Face Hub ({type(err).__name__}: {_first_line(err)}); "
@@ -161,9 +135,9 @@ def _load_sparse24_as_dense(name: str, source: str, dtype: torch.dtype, device_m
     from pruning.sparse24 import decompress_model_24_, load_sparse
 
     if device_map:
-        raise ValueError(
-            f"{name!r} is a 2:4-compressed (sparse24) checkpoint, which loads whole, without --device_map; "
-            "save the model with --save_format dense to place it across devices"
+        raise OptionError(
+            f"{quote(repr(name))} is a 2:4-compressed (sparse24) checkpoint, which loads whole, without "
+            "{device_map}; save the model with {save_format} dense to place it across devices"
         )
     model = load_sparse(source, device="cpu")
     decompress_model_24_(model)
@@ -209,7 +183,7 @@ def load_model(
             return model.to("cuda")
         log.warning(
             "model (%.1f GiB) does not fit in free GPU memory (%.1f GiB): keeping it in CPU RAM and streaming "
-            "one decoder layer at a time to the GPU (--offload)",
+            "one decoder layer at a time to the GPU (offload)",
             size / 2**30,
             free / 2**30,
         )

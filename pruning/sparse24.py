@@ -1,240 +1,27 @@
-"""2:4 compressed checkpoints and the sparse Linear that runs them.
+"""The sparse24 checkpoint format: 2:4-pruned decoder Linears stored packed, everything else as saved.
 
-Saving (``--save_format sparse24``): every decoder-layer Linear is packed into kept values [O, C/2]
-(model dtype) + 2-bit indices uint8 [O, C/8] (``wanda_kernels.pack24``): 0.5625x the dense bytes. Other
-weights are unchanged. ``config.json`` gains ``sparsity_config`` naming the format and the modules.
-
-Loading: :func:`load_sparse` rebuilds the Hugging Face model with :class:`Sparse24Linear` in place of
-those Linears. Its forward picks, per call:
-  * CPU: the dense weight (unpacked once and cached; warns once), since nothing sparse is faster there;
-  * CUDA, M <= ``decode_max_tokens`` rows: our Triton kernel reading the packed values and indices, or
-    cuSPARSELt where it measures faster for that row count;
-  * CUDA, larger M: cuSPARSELt through ``torch._cslt_sparse_mm`` with the weight compressed once, the
-    best algorithm searched once per shape, the bias fused and the output written contiguous [M, O]
-    (``transpose_result``), so the next ops (attention) keep their fast kernels. On sm8x, torch's CUTLASS
-    2:4 GEMM is a candidate too.
-The choice is timed once per row count (padded to 16 above ``decode_max_tokens``), outside CUDA-graph capture.
+Each decoder-layer Linear becomes ``values`` [O, C/2] (model dtype, kept entries, lower column first) and
+``meta`` uint8 [O, C/8] (2-bit column-in-group per kept value): 0.5625x the dense bytes.
+``config.json`` gains ``sparsity_config`` = {format, version, modules, layout}. :func:`load_sparse` rebuilds
+the model with :class:`pruning.infer.Sparse24Linear` modules.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from pruning.errors import OptionError, quote
+from pruning.infer.sparse_linear import Sparse24Linear
 
 log = logging.getLogger(__name__)
 
 FORMAT = "sparse24"
 FORMAT_VERSION = 1
-CUSPARSELT_ROW_MULTIPLE = 16  # dense operand rows are padded to this for cuSPARSELt
-
-
-def _kernels():
-    import wanda_kernels.pack24 as pack24
-    import wanda_kernels.sparse24_mm as sparse24_mm
-
-    return pack24, sparse24_mm
-
-
-# RuntimeErrors that say nothing about whether a backend exists (torch.AcceleratorError: torch >= 2.8).
-_FATAL_CUDA_ERRORS = (
-    torch.OutOfMemoryError,
-    *((torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()),
-)
-
-
-class Sparse24Linear(nn.Module):
-    """A Linear whose weight is stored 2:4-compressed. Numerically F.linear on the dense-with-zeros weight."""
-
-    decode_max_tokens = 16  # at or below, our Triton GEMV is a candidate (the first); above, the 2:4 GEMMs
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
-        super().__init__()
-        if in_features % 8:
-            raise ValueError(f"Sparse24Linear needs in_features divisible by 8, got {in_features}")
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("values", torch.empty(out_features, in_features // 2, dtype=dtype, device=device))
-        self.register_buffer("meta", torch.empty(out_features, in_features // 8, dtype=torch.uint8, device=device))
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
-        self._dense_cache: torch.Tensor | None = None
-        self._cslt_weight: torch.Tensor | None = None
-        self._cslt_alg: dict[int, int] = {}
-        self._cutlass_weight: torch.Tensor | None = None
-        # row count (padded to 16 above decode_max_tokens) -> "triton" | "cusparselt" | "cutlass" | "dense"
-        self._backends: dict[int, str] = {}
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, name: str = "linear") -> Sparse24Linear:
-        """Pack a 2:4-pruned Linear; ValueError naming ``name`` if its weight is not 2:4."""
-        weight = linear.weight.data
-        try:
-            module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype, weight.device)
-            values, meta = _pack(weight)
-        except ValueError as err:
-            raise ValueError(f"cannot store {name} as 2:4: {err}") from None
-        module.values.copy_(values)
-        module.meta.copy_(meta)
-        if linear.bias is not None:
-            module.bias.data.copy_(linear.bias.data)
-        return module
-
-    @classmethod
-    def concat_rows(cls, modules: list[Sparse24Linear]) -> Sparse24Linear:
-        """One module whose output is the concatenation of ``modules``' outputs (same input): the 2:4 format is
-        row-wise, so the packed values and indices simply stack."""
-        first = modules[0]
-        if any(m.in_features != first.in_features or (m.bias is None) != (first.bias is None) for m in modules):
-            raise ValueError("only Sparse24Linears with one in_features and all or no biases can be concatenated")
-        out_features = sum(m.out_features for m in modules)
-        fused = cls(first.in_features, out_features, first.bias is not None, first.values.dtype, first.values.device)
-        fused.values.copy_(torch.cat([m.values for m in modules]))
-        fused.meta.copy_(torch.cat([m.meta for m in modules]))
-        if first.bias is not None:
-            fused.bias.data.copy_(torch.cat([m.bias.data for m in modules]))
-        return fused
-
-    def to_dense(self) -> torch.Tensor:
-        """The dense [O, C] weight with exact zeros."""
-        return _unpack(self.values, self.meta)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, 2:4"
-
-    def invalidate_caches(self) -> None:
-        """Drop every derived form of the weight (dense, cuSPARSELt, CUTLASS) and the backend choices; call it
-        after editing ``values`` or ``meta`` in place. Moves and ``load_state_dict`` call it themselves."""
-        self._dense_cache = self._cslt_weight = self._cutlass_weight = None
-        self._cslt_alg, self._backends = {}, {}
-
-    def _apply(self, fn, recurse=True):
-        self.invalidate_caches()  # a device or dtype move
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.invalidate_caches()
-        return super()._load_from_state_dict(*args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cuda":
-            if self._dense_cache is None:
-                warnings.warn("Sparse24Linear on CPU runs the dense weight (no sparse speed-up there)", stacklevel=2)
-                self._dense_cache = self.to_dense()
-            return F.linear(x, self._dense_cache, self.bias)
-        return getattr(self, f"_{self._backend_for(x)}_linear")(x)
-
-    def _backend_for(self, x: torch.Tensor) -> str:
-        n_tokens = x.numel() // self.in_features
-        small = n_tokens <= self.decode_max_tokens
-        key = n_tokens if small else -(-n_tokens // CUSPARSELT_ROW_MULTIPLE) * CUSPARSELT_ROW_MULTIPLE
-        backend = self._backends.get(key)
-        if backend is None:  # the first call at this row count: everything below runs once
-            if small:
-                candidates = ["triton", "cusparselt"]
-            else:
-                candidates = ["cusparselt"]
-                if torch.cuda.get_device_capability(x.device)[0] == 8:
-                    candidates.append("cutlass")  # torch's CUTLASS 2:4 kernels support sm8x only
-            if torch.cuda.is_current_stream_capturing():
-                # Nothing can be timed inside a capture, and whatever runs is recorded into the graph: the first
-                # candidate, undecided (the runners warm up before capturing, so this is the rare case).
-                return candidates[0]
-            backend = self._backends[key] = self._pick_backend(x, candidates)
-            if backend == "triton" and "cusparselt" not in self._backends.values():
-                self._cslt_weight = None  # only tried: free its copy of the weight
-                self._cslt_alg.clear()  # in place: copies of this module may share the dict (bench)
-        return backend
-
-    def _pick_backend(self, x: torch.Tensor, candidates: list[str]) -> str:
-        """The fastest of ``candidates`` for this row count: each is run once (Triton autotuning, weight
-        compression, cuSPARSELt's algorithm search), then timed over 3 calls. If none runs (old GPU, missing
-        library), the dense weight is used, with a warning."""
-        times = {}
-        for name in candidates:
-            fn = getattr(self, f"_{name}_linear")
-            try:
-                fn(x)
-                if len(candidates) == 1:
-                    times[name] = 0.0
-                    continue
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(3):
-                    fn(x)
-                end.record()
-                end.synchronize()
-                times[name] = start.elapsed_time(end)
-            except _FATAL_CUDA_ERRORS:
-                raise  # out of memory, or a broken CUDA context: not a missing kernel
-            except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
-                warnings.warn(f"Sparse24Linear: {name} is unavailable here ({err})", stacklevel=3)
-        if not times:
-            warnings.warn("Sparse24Linear: no sparse kernel runs on this GPU; using the dense weight", stacklevel=3)
-            return "dense"
-        best = min(times, key=times.get)
-        log.debug("Sparse24Linear %dx%d, %d rows: %s (%s)", self.out_features, self.in_features,
-                  x.numel() // self.in_features, best, times)  # fmt: skip
-        return best
-
-    def _triton_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """Our 2:4 GEMV (``wanda_kernels.sparse24_mm``): the packed values and indices, read once."""
-        _, sparse24_mm = _kernels()
-        return sparse24_mm.sparse24_linear(x, self.values, self.meta, self.bias)
-
-    def _cusparselt_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """cuSPARSELt: weight compressed once, algorithm searched once per padded row count, bias fused, the
-        product written transposed so that the [M, O] result is contiguous."""
-        x2d = x.reshape(-1, self.in_features)
-        n_tokens = x2d.shape[0]
-        padded = -(-n_tokens // CUSPARSELT_ROW_MULTIPLE) * CUSPARSELT_ROW_MULTIPLE
-        if self._cslt_weight is None:
-            self._cslt_weight = torch._cslt_compress(self.to_dense())
-        if padded != n_tokens:
-            x2d = F.pad(x2d, (0, 0, 0, padded - n_tokens))
-        dense_b = x2d.t()  # [C, M] view: W @ x^T, written back transposed = contiguous [M, O]
-        alg = self._cslt_alg.get(padded)
-        if alg is None:
-            alg = self._cslt_alg[padded] = torch._cslt_sparse_mm_search(
-                self._cslt_weight, dense_b, bias=self.bias, transpose_result=True
-            )
-        y = torch._cslt_sparse_mm(self._cslt_weight, dense_b, bias=self.bias, transpose_result=True, alg_id=alg)
-        return y[:n_tokens].contiguous().reshape(*x.shape[:-1], self.out_features)
-
-    def _cutlass_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """torch's CUTLASS 2:4 GEMM (sm8x), through its semi-structured tensor subclass."""
-        if self._cutlass_weight is None:
-            from torch.sparse import SparseSemiStructuredTensorCUTLASS
-
-            self._cutlass_weight = SparseSemiStructuredTensorCUTLASS.from_dense(self.to_dense())
-        y = F.linear(x.reshape(-1, self.in_features), self._cutlass_weight, self.bias)
-        return y.contiguous().reshape(*x.shape[:-1], self.out_features)
-
-    def _dense_linear(self, x: torch.Tensor) -> torch.Tensor:
-        if self._dense_cache is None:
-            self._dense_cache = self.to_dense()
-        return F.linear(x, self._dense_cache, self.bias)
-
-
-def _pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from wanda_kernels import reference
-
-    if weight.device.type == "cuda":
-        pack24, _ = _kernels()
-        return pack24.pack_24(weight)
-    return reference.pack_24_torch(weight)
-
-
-def _unpack(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    from wanda_kernels import reference
-
-    if values.device.type == "cuda":
-        pack24, _ = _kernels()
-        return pack24.unpack_24(values, meta)
-    return reference.unpack_24_torch(values, meta)
 
 
 def check_packable(model: nn.Module) -> None:
@@ -247,9 +34,9 @@ def check_packable(model: nn.Module) -> None:
          for name, m in layer.named_modules() if isinstance(m, nn.Linear) and m.in_features % 8}
     )  # fmt: skip
     if bad:
-        raise ValueError(
-            f"--save_format sparse24 needs in_features divisible by 8; not so for {', '.join(bad)}: "
-            "save with --save_format dense"
+        raise OptionError(
+            f"{{save_format}} sparse24 needs in_features divisible by 8; not so for {', '.join(bad)}: "
+            "save with {save_format} dense"
         )
 
 
@@ -303,7 +90,7 @@ def save_sparse(model: nn.Module, tokenizer, directory: Path, max_shard_size: in
     """``save_pretrained`` the model (safetensors) into ``directory`` (which the caller stages and renames
     atomically) with its decoder Linears 2:4-compressed. The model itself is left as it was: the packed
     modules stand in for the Linears only while it is written. ``max_shard_size``: as in ``save_pretrained``."""
-    from pruning.fusion import check_not_fused
+    from pruning.infer.fusion import check_not_fused
 
     check_not_fused(model)
     packed = _pack_decoder_linears(model)
@@ -388,7 +175,7 @@ def check_meta_order(meta: torch.Tensor, name: str) -> None:
     nibbles = torch.stack([meta & 15, meta >> 4], dim=-1).to(torch.int32)
     bad = int(((nibbles & 3) >= (nibbles >> 2)).sum())
     if bad:
-        raise ValueError(
-            f"{name}: corrupt 2:4 metadata, {bad} groups whose two positions are not in increasing order; "
-            "re-export the checkpoint with --save_format sparse24"
+        raise OptionError(
+            f"{quote(name)}: corrupt 2:4 metadata, {bad} groups whose two positions are not in increasing order; "
+            "re-export the checkpoint with {save_format} sparse24"
         )

@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 
 def linear_zero_counts(layer: nn.Module) -> tuple[int, int]:
     """(exact zeros, entries) over the Linear weights of ``layer``, 2:4-compressed ones included."""
-    from pruning.sparse24 import Sparse24Linear
+    from pruning.infer.sparse_linear import Sparse24Linear
 
     zeros = total = 0
     for m in layer.modules():

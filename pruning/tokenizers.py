@@ -1,16 +1,12 @@
-"""Tokenizers built offline: the exact facebook/opt BPE and a tiny byte-level tokenizer for demos.
+"""A tokenizer built in code for the offline demo: OPT's four special tokens, then one token per byte.
 
-OPT reuses GPT-2's byte-level BPE but renumbers the tokens in fairseq dictionary order:
-`<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3, and the GPT-2 id written on line i (0-based) of fairseq's
-`dict.txt` becomes OPT id 4 + i. Every OPT encoding starts with `</s>` (id 2), e.g.
-"Hello world!" -> [2, 31414, 232, 328].
+It follows OPT's conventions (`<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3; every encoding starts with `</s>`).
+The exact facebook/opt BPE rebuilt from GPT-2's files is a test fixture: ``bench/fixtures/opt_tokenizer.py``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
@@ -22,7 +18,7 @@ OPT_SPECIAL_TOKENS: tuple[str, ...] = ("<s>", "<pad>", "</s>", "<unk>")
 OPT_NUM_SPECIAL = len(OPT_SPECIAL_TOKENS)
 
 
-def _opt_post_processor() -> processors.TemplateProcessing:
+def opt_post_processor() -> processors.TemplateProcessing:
     """OPT prepends `</s>` (id 2) to every sequence, like transformers' GPT2Tokenizer(add_bos_token=True)."""
     return processors.TemplateProcessing(
         single="</s> $A",
@@ -31,7 +27,9 @@ def _opt_post_processor() -> processors.TemplateProcessing:
     )
 
 
-def _wrap(tokenizer: Tokenizer, split_special_tokens: bool = False, **special_tokens: str) -> PreTrainedTokenizerFast:
+def wrap_tokenizer(
+    tokenizer: Tokenizer, split_special_tokens: bool = False, **special_tokens: str
+) -> PreTrainedTokenizerFast:
     """Wrap a `tokenizers.Tokenizer` as a transformers fast tokenizer; decoding never rewrites spaces.
 
     split_special_tokens=True treats "<unk>", "</s>" written in the text as plain characters.
@@ -42,55 +40,6 @@ def _wrap(tokenizer: Tokenizer, split_special_tokens: bool = False, **special_to
         split_special_tokens=split_special_tokens,
         **special_tokens,
     )
-
-
-def _read_fairseq_order(dict_path: Path, n_tokens: int) -> list[int]:
-    """GPT-2 ids in fairseq dictionary order (first `n_tokens` lines of dict.txt)."""
-    order: list[int] = []
-    with open(dict_path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f):
-            if len(order) == n_tokens:
-                break
-            symbol = line.split(" ", 1)[0]
-            if not symbol.isdigit():
-                raise ValueError(f"{dict_path}:{line_no + 1}: expected a GPT-2 token id, got {symbol!r}")
-            order.append(int(symbol))
-    if sorted(order) != list(range(n_tokens)):
-        raise ValueError(f"{dict_path}: the first {n_tokens} lines are not a permutation of the GPT-2 ids")
-    return order
-
-
-def build_opt_tokenizer(gpt2_dir: str | Path) -> PreTrainedTokenizerFast:
-    """Rebuild the facebook/opt tokenizer from GPT-2 `vocab.json`, `merges.txt` and fairseq `fairseq_dict.txt`.
-
-    The BPE merges are GPT-2's; only the ids change (OPT id = 4 + fairseq line index of the GPT-2 id).
-    """
-    gpt2_dir = Path(gpt2_dir)
-    paths = {name: gpt2_dir / name for name in ("vocab.json", "merges.txt", "fairseq_dict.txt")}
-    missing = [str(p) for p in paths.values() if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"OPT tokenizer files missing: {', '.join(missing)}")
-
-    with open(paths["vocab.json"], encoding="utf-8") as f:
-        gpt2_vocab: dict[str, int] = json.load(f)
-    gpt2_tokens = {gpt2_id: token for token, gpt2_id in gpt2_vocab.items()}
-    order = _read_fairseq_order(paths["fairseq_dict.txt"], len(gpt2_vocab))
-
-    opt_vocab = {token: i for i, token in enumerate(OPT_SPECIAL_TOKENS)}
-    for line_index, gpt2_id in enumerate(order):
-        opt_vocab[gpt2_tokens[gpt2_id]] = OPT_NUM_SPECIAL + line_index
-
-    with open(paths["merges.txt"], encoding="utf-8") as f:
-        merges = [tuple(line.split(" ")) for line in f.read().split("\n") if line and not line.startswith("#version")]
-
-    tok = Tokenizer(models.BPE(vocab=opt_vocab, merges=merges, fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(OPT_SPECIAL_TOKENS))
-    tok.post_processor = _opt_post_processor()
-    logger.debug("built OPT tokenizer: %d tokens, %d merges", len(opt_vocab), len(merges))
-    # facebook/opt's tokenizer_config uses </s> as BOS (and EOS); <pad> is id 1.
-    return _wrap(tok, bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -120,7 +69,7 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(OPT_SPECIAL_TOKENS))
-    tok.post_processor = _opt_post_processor()
-    return _wrap(
+    tok.post_processor = opt_post_processor()
+    return wrap_tokenizer(
         tok, split_special_tokens=True, bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
     )

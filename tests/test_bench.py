@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bench.__main__ import main
-from bench.kernels import locuslab_prune_, vectorized_prune_
+from bench.baselines import locuslab_prune_, vectorized_prune_
 from bench.report import format_table
 from wanda_kernels import reference as ref
 
@@ -78,3 +78,16 @@ def test_decode_ops_counts_each_of_our_kernels_once():
     linears = sum(name in ("mm", "addmm") for name in ops)
     assert linears == 4 and len(ops) <= 13, ops  # q/k/v, o, gate/up, down; 7 other kernels (+2 repeat_kv in 5.17)
     assert 0 < outside <= 16
+
+
+def test_one_record_builder_for_every_suite():
+    import torch
+
+    from bench.records import once, record
+
+    r = record("kernels", "copy", "copy", "x", (2, 3), torch.float16, timing=once(2.0, 1), correct=True,
+               reference_ms=4.0, nbytes=2_000_000, copy_ms=1.0, weight_copies=1)  # fmt: skip
+    assert (r["shape"], r["dtype"], r["p20_ms"], r["reps"], r["weight_copies"]) == ([2, 3], "float16", 2.0, 1, 1)
+    assert r["speedup_vs_reference"] == 2.0 and r["x_copy"] == 2.0 and r["gbps"] == pytest.approx(1.0)
+    failed = record("inference", "model", "dense", "m", (), torch.float32, timing=once(None, 0), correct=False)
+    assert failed["median_ms"] is None and failed["gbps"] is failed["x_copy"] is failed["speedup_vs_reference"] is None

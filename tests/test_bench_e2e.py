@@ -1,4 +1,5 @@
-"""The end-to-end pruning benchmark (bench/e2e.py) in its CPU smoke mode, and its locuslab re-implementation."""
+"""The end-to-end pruning benchmark (bench/e2e.py) in its CPU smoke mode, its locuslab re-implementation
+(bench/baselines.py) and its random-weight models (bench/fixtures/models.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 import pruning
 from bench import e2e
 from bench.__main__ import main
+from bench.baselines import locuslab_prune
+from bench.fixtures import models
 from bench.report import format_table
 
 REQUIRED = {
@@ -40,14 +43,14 @@ def test_smoke_run_writes_complete_records(tmp_path, capsys):
     by_key = {(r["op"], r["provider"]): r for r in records}
     for r in records:
         assert REQUIRED <= r.keys(), REQUIRED - r.keys()
-        assert r["suite"] == "e2e" and r["mode"] == "smoke" and r["label"] == e2e.SMOKE_MODEL
+        assert r["suite"] == "e2e" and r["mode"] == "smoke" and r["label"] == models.OPT_SMOKE
         assert r["shape"] == list(e2e.SMOKE_CALIBRATION)
         assert r["p20_ms"] == r["median_ms"] == r["p80_ms"] == pytest.approx(r["seconds"] * 1e3)
         assert r["seconds"] > 0 and r["peak_gpu_memory_bytes"] is None  # no GPU here
         assert abs(r["actual_sparsity"] - 0.5) < 0.01
         # Wanda: at most a near-tie flip; SparseGPT's flips move its later choices in the row (looser bound).
         assert r["mask_diff_fraction"] < e2e.MASK_TOLERANCE[r["method"]] and r["correct"] is True
-        assert len(r["mask_diff_by_layer"]) == e2e.SMOKE_SHAPE.n_layers
+        assert len(r["mask_diff_by_layer"]) == models.OPT_SMOKE_SHAPE.n_layers
         assert r["mask_diff_layer0"] == pytest.approx(r["mask_diff_by_layer"][0], rel=1e-2)
         reference = by_key[(r["op"], "locuslab")]
         assert r["speedup_vs_reference"] == pytest.approx(reference["seconds"] / r["seconds"])
@@ -59,18 +62,18 @@ def test_without_the_reference_only_ours_is_measured(tmp_path):
     out = tmp_path / "e2e.jsonl"
     assert main(["e2e", "--smoke", "--no-reference", "--e2e-run", "opt-6.7b:wanda:2:4", "--out", str(out)]) == 0
     (record,) = _records(out)
-    assert (record["provider"], record["op"], record["label"]) == ("ours", "prune_wanda_2:4", e2e.SMOKE_MODEL)
+    assert (record["provider"], record["op"], record["label"]) == ("ours", "prune_wanda_2:4", models.OPT_SMOKE)
     assert record["speedup_vs_reference"] is None and record["mask_diff_fraction"] is None
     assert record["correct"] is True  # the sparsity check alone
 
 
 @pytest.mark.parametrize("sparsity_type", ["unstructured", "2:4"])
 def test_locuslab_reimplementation_gives_our_masks(sparsity_type):
-    ids = e2e.calibration_ids(6, 24, e2e.SMOKE_VOCAB)
-    ours = e2e.build_random_opt(e2e.SMOKE_MODEL, torch.device("cpu"), torch.float32)
-    ref = e2e.build_random_opt(e2e.SMOKE_MODEL, torch.device("cpu"), torch.float32)
+    ids = models.calibration_ids(6, 24, models.SMOKE_VOCAB)
+    ours = models.build_random_opt(models.OPT_SMOKE, torch.device("cpu"), torch.float32)
+    ref = models.build_random_opt(models.OPT_SMOKE, torch.device("cpu"), torch.float32)
     pruning.prune_model(ours, ids, "wanda", 0.5, sparsity_type, calib_batch_size=4)  # batches of 4 and 2
-    e2e.locuslab_prune(ref, ids, "wanda", sparsity_type)
+    locuslab_prune(ref, ids, "wanda", sparsity_type)
     for lin in (lin for layer in e2e._linears_by_layer(ref) for lin in layer):  # the requested pattern
         pruned = lin.weight == 0
         if sparsity_type == "unstructured":
@@ -82,7 +85,7 @@ def test_locuslab_reimplementation_gives_our_masks(sparsity_type):
 
 
 def test_mask_diff_counts_single_entries():
-    model = e2e.build_random_opt(e2e.SMOKE_MODEL, torch.device("cpu"), torch.float32)
+    model = models.build_random_opt(models.OPT_SMOKE, torch.device("cpu"), torch.float32)
     packed = e2e.packed_zero_masks(model)
     layers = e2e._linears_by_layer(model)
     per_layer = [sum(lin.weight.numel() for lin in layer) for layer in layers]
@@ -95,27 +98,27 @@ def test_mask_diff_counts_single_entries():
 
 
 def test_random_models_are_reproducible_and_tied():
-    a = e2e.build_random_opt(e2e.SMOKE_MODEL, torch.device("cpu"), torch.float32)
-    b = e2e.build_random_opt(e2e.SMOKE_MODEL, torch.device("cpu"), torch.float32)
+    a = models.build_random_opt(models.OPT_SMOKE, torch.device("cpu"), torch.float32)
+    b = models.build_random_opt(models.OPT_SMOKE, torch.device("cpu"), torch.float32)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
     assert a.lm_head.weight is a.model.decoder.embed_tokens.weight
     q = a.model.decoder.layers[0].self_attn.q_proj
-    assert abs(float(q.weight.detach().std()) - e2e.INIT_STD) < 0.005 and not q.bias.any()
+    assert abs(float(q.weight.detach().std()) - models.INIT_STD) < 0.005 and not q.bias.any()
     assert bool((a.model.decoder.layers[0].final_layer_norm.weight == 1).all())
     with torch.no_grad():
         q.weight.zero_()
-    e2e.init_random_weights_(a)  # the reset between providers restores the same model
+    models.init_random_weights_(a)  # the reset between providers restores the same model
     assert torch.equal(q.weight, b.model.decoder.layers[0].self_attn.q_proj.weight)
 
 
 def test_opt_configs_have_the_real_dims():
-    config = e2e.opt_config("opt-6.7b")
+    config = models.opt_config("opt-6.7b")
     assert (config.hidden_size, config.ffn_dim, config.num_hidden_layers, config.num_attention_heads) == (
         4096, 16384, 32, 32,
     )  # fmt: skip
     assert (config.vocab_size, config.max_position_embeddings) == (50272, 2048)
-    assert e2e.opt_config("opt-1.3b", n_layers=1).num_hidden_layers == 1
+    assert models.opt_config("opt-1.3b", n_layers=1).num_hidden_layers == 1
 
 
 def test_run_specs():

@@ -7,6 +7,7 @@ import warnings
 import torch
 
 from bench import inference
+from bench.fixtures.models import build_model
 
 
 def test_inference_smoke_records():
@@ -46,7 +47,7 @@ def test_inference_smoke_records():
 
 
 def test_random_llama_is_a_working_model():
-    model = inference.build_model("llama-smoke", torch.device("cpu"), torch.float32)
+    model = build_model("llama-smoke", torch.device("cpu"), torch.float32)
     # The rotary frequencies are real, not the uninitialized memory to_empty leaves: 1 / 10000^(2i / d).
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     want = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)

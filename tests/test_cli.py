@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from pruning import cli, loading
-from pruning.demo import ASSETS
+from pruning import cli, hub, loading
+from pruning.cli.demo import ASSETS
 
 CALIB = ASSETS / "demo_calibration.txt"
 EVAL = ASSETS / "demo_eval.txt"
@@ -158,7 +158,7 @@ def test_directory_that_is_not_a_model(tmp_path, capsys):
 def test_unknown_hub_id_offline_fails_fast(tmp_path, capsys, monkeypatch):
     """The Hub does not answer: loading goes straight to the cache (local_files_only), no HTTP retries."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(loading, "_hub_answers", lambda: False)
+    monkeypatch.setattr(hub, "answers", lambda: False)
     started = time.perf_counter()
     code = run_main(prune_argv("facebook/opt-does-not-exist", "--cache_dir", str(tmp_path / "cache")))
     assert time.perf_counter() - started < 20
@@ -231,10 +231,9 @@ def test_zero_shot_without_lm_eval_fails_before_loading(tiny_opt, tmp_path, caps
 
 def test_hub_eval_dataset_offline_fails_before_loading_the_model(tiny_opt, capsys, monkeypatch):
     """The default --eval_dataset wikitext2 without network: a clear error before pruning, not after."""
-    from pruning import data
 
-    monkeypatch.setattr(data, "_hub_offline", lambda: False)
-    monkeypatch.setattr(data, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(hub, "datasets_offline", lambda: False)
+    monkeypatch.setattr(hub, "reachable", lambda *a, **k: False)
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the evaluation data")
@@ -269,7 +268,7 @@ def test_subprocess_error_has_no_traceback(tmp_path):
 def test_full_run_writes_wanda_log_metrics_and_a_reloadable_2_4_model(tiny_opt, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pruning import outputs
+    from pruning.cli import outputs
     from pruning.tokenizers import byte_level_tokenizer
 
     pruned_in_memory = {}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pruning import data
+from pruning import data, hub
 from pruning.data import DataError, get_calibration_ids, get_eval_ids
 from pruning.tokenizers import byte_level_tokenizer
 
@@ -131,8 +131,8 @@ def test_unknown_source_and_bad_json(tok, tmp_path):
 
 @pytest.mark.parametrize("source", ["c4", "wikitext2"])
 def test_hub_unreachable_fails_fast_with_hint(tok, monkeypatch, source):
-    monkeypatch.setattr(data, "_hub_offline", lambda: False)
-    monkeypatch.setattr(data, "_hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.setattr(hub, "datasets_offline", lambda: False)
+    monkeypatch.setattr(hub, "reachable", lambda timeout_s=3.0: False)
     t0 = time.perf_counter()
     with pytest.raises(DataError, match="local text file"):
         get_calibration_ids(source, tok, nsamples=1, seqlen=8)
@@ -147,7 +147,7 @@ def test_hub_loader_errors_are_wrapped(tok, monkeypatch):
     def refuse(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'allenai/c4' on the Hub (LocalEntryNotFoundError)\nRetrying...")
 
-    monkeypatch.setattr(data, "_hub_offline", lambda: True)  # cache-only mode: no probe, load_dataset decides
+    monkeypatch.setattr(hub, "datasets_offline", lambda: True)  # cache-only mode: no probe, load_dataset decides
     monkeypatch.setattr(datasets, "load_dataset", refuse)
     with pytest.raises(DataError, match=r"could not load 'c4' train split \(.*ConnectionError.*local text") as err:
         get_calibration_ids("c4", tok, nsamples=1, seqlen=8)
@@ -169,7 +169,7 @@ def test_hub_datasets_come_from_the_datasets_cache_then_cache_dir(tok, monkeypat
 
         return load
 
-    monkeypatch.setattr(data, "_hub_offline", lambda: True)
+    monkeypatch.setattr(hub, "datasets_offline", lambda: True)
     monkeypatch.setattr(datasets, "load_dataset", cached_only_in(None))
     get_calibration_ids("wikitext2", tok, nsamples=1, seqlen=8, cache_dir=tmp_path / "llm_weights")
     assert tried == [None]  # the datasets cache, as Wanda loads it
@@ -213,7 +213,7 @@ def test_a_long_text_tokenized_in_pieces_gives_the_ids_of_one_call(which, tok, m
     if which == "opt":
         if not (SHARED_DATA / "gpt2_tokenizer").is_dir():
             pytest.skip(f"shared test data not found at {SHARED_DATA}")
-        from pruning.tokenizers import build_opt_tokenizer
+        from bench.fixtures.opt_tokenizer import build_opt_tokenizer
 
         tok = build_opt_tokenizer(SHARED_DATA / "gpt2_tokenizer")
         text = (SHARED_DATA / "wikitext2" / "wiki.test.raw.joined.txt").read_text()[:200_000]

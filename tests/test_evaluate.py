@@ -230,7 +230,7 @@ def test_streamed_layers_hold_device_copies_only_during_their_own_forward(kind):
     for its forward (here 'copies' on the CPU; on a GPU, the transfers), every other layer holds its CPU
     tensors meanwhile, the logits are unchanged, and afterwards the model points at its CPU tensors again."""
     from pruning.adapters import get_adapter
-    from pruning.layerwise import layers_streamed_through
+    from pruning.placement import layers_streamed_through
 
     model = tiny_model(kind).eval()
     adapter = get_adapter(model)
@@ -269,8 +269,8 @@ def test_cli_zero_shot_of_a_model_in_cpu_ram_streams_its_layers(monkeypatch):
     model in CPU RAM, 'the GPU' being the CPU), and gets --eval_batch_size requests per forward."""
     import argparse
 
-    from pruning import cli, layerwise
     from pruning.adapters import get_adapter
+    from pruning.cli import prune
 
     model = tiny_model("opt").eval()
     layers = get_adapter(model).layers(model)
@@ -281,9 +281,9 @@ def test_cli_zero_shot_of_a_model_in_cpu_ram_streams_its_layers(monkeypatch):
         return {"boolq": {"acc,none": 0.5}}
 
     monkeypatch.setattr(evaluate, "zero_shot", fake_zero_shot)
-    monkeypatch.setattr(cli, "_streamed_from_cpu", lambda *_: True)
-    monkeypatch.setattr(layerwise, "compute_device_for", lambda _module: torch.device("cpu"))
+    monkeypatch.setattr(evaluate, "streamed_from_cpu", lambda *_: True)
+    monkeypatch.setattr(evaluate, "compute_device_for", lambda _module: torch.device("cpu"))
     args = argparse.Namespace(zero_shot_tasks="boolq,rte", eval_batch_size=8, zero_shot_include_path=None)
-    assert cli.evaluate_zero_shot(model, None, args) == {"boolq": {"acc,none": 0.5}}
+    assert prune.evaluate_zero_shot(model, None, args) == {"boolq": {"acc,none": 0.5}}
     assert calls == [(["boolq", "rte"], 8, [True, True])]
     assert not any(layer._forward_pre_hooks for layer in layers)

@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from pruning.fusion import FusedRMSNorm, fuse_small_ops_
-from pruning.runner import GreedyDecoder, PrefillRunner
+from pruning.infer.fusion import FusedRMSNorm, _rotary_dispatch, fuse_small_ops_
+from pruning.infer.runner import GreedyDecoder, PrefillRunner
 from pruning.sparse24 import save_sparse
 from wanda_kernels.kv_cache import write_kv_cache_
 from wanda_kernels.reference import (
@@ -27,6 +27,8 @@ from wanda_kernels.reference import (
 from wanda_kernels.rmsnorm import add_rms_norm, rms_norm
 from wanda_kernels.rope import rotary
 from wanda_kernels.silu_mul import silu_mul
+
+KERNELS = "triton"  # our kernels wherever Triton runs: here, the CPU under the interpreter
 
 MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
 
@@ -309,8 +311,8 @@ def test_fused_llama_gives_the_same_outputs(device):
     original_rotary = modeling_llama.apply_rotary_pos_emb
     # Norms: 2 per layer and the final one; rotary embeddings, MLP activations, residual sums + norm: 1 per layer.
     counts = {"rms_norm": 5, "rotary": 2, "silu_mul": 2, "add_rms_norm": 2}
-    assert fuse_small_ops_(fused) == counts
-    assert fuse_small_ops_(fused) == counts  # idempotent: nothing wrapped twice
+    assert fuse_small_ops_(fused, backend=KERNELS) == counts
+    assert fuse_small_ops_(fused, backend=KERNELS) == counts  # idempotent: nothing wrapped twice
     rotary_forward = fused.model.layers[0].self_attn.forward
     assert not isinstance(rotary_forward.args[0], functools.partial)  # the original forward, wrapped once
     assert rotary_forward.args[0] == type(fused.model.layers[0].self_attn).forward.__get__(
@@ -320,9 +322,12 @@ def test_fused_llama_gives_the_same_outputs(device):
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
-    assert modeling_llama.apply_rotary_pos_emb is original_rotary  # restored after each attention call
+    dispatch = modeling_llama.apply_rotary_pos_emb  # installed once: the model's own function outside fused calls
+    assert dispatch.func is _rotary_dispatch and dispatch.args == (
+        getattr(original_rotary, "args", [original_rotary])[0],
+    )
     prompt = ids[:, :5]
-    decoders = [GreedyDecoder(m, batch=2, max_len=16, use_graph=False) for m in (plain, fused)]
+    decoders = [GreedyDecoder(m, batch=2, max_len=16, use_graph=False, backend=KERNELS) for m in (plain, fused)]
     for decoder in decoders:
         decoder.prefill(prompt)
     for _ in range(3):  # feed both the same token, compare the step's logits
@@ -349,8 +354,8 @@ def test_fused_decode_step_skips_the_elementwise_chains(device):
     for fuse in (False, True):
         model = tiny_llama().to(device)
         if fuse:
-            fuse_small_ops_(model)
-        decoder = GreedyDecoder(model, batch=1, max_len=16, use_graph=False)
+            fuse_small_ops_(model, backend=KERNELS)
+        decoder = GreedyDecoder(model, batch=1, max_len=16, use_graph=False, backend=KERNELS)
         decoder.prefill(torch.randint(0, 96, (1, 4), generator=torch.Generator().manual_seed(2)).to(device))
         with _OpCounts() as ops:
             decoder.step()
@@ -362,7 +367,12 @@ def test_fused_decode_step_skips_the_elementwise_chains(device):
 def test_opt_has_nothing_to_fuse():
     config = OPTConfig(vocab_size=96, hidden_size=32, word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=1,
                        num_attention_heads=2, max_position_embeddings=32)  # fmt: skip
-    assert fuse_small_ops_(OPTForCausalLM(config)) == {"rms_norm": 0, "rotary": 0, "silu_mul": 0, "add_rms_norm": 0}
+    assert fuse_small_ops_(OPTForCausalLM(config), backend=KERNELS) == {
+        "rms_norm": 0,
+        "rotary": 0,
+        "silu_mul": 0,
+        "add_rms_norm": 0,
+    }
 
 
 # --- fused projections -----------------------------------------------------------------------------------
@@ -377,7 +387,7 @@ def tiny_opt() -> OPTForCausalLM:
 
 def _decode_logits(model, prompt, steps=3):
     """Logits of a prefill and a few greedy steps through GreedyDecoder's path (static cache)."""
-    decoder = GreedyDecoder(model, batch=prompt.shape[0], max_len=16, use_graph=False)
+    decoder = GreedyDecoder(model, batch=prompt.shape[0], max_len=16, use_graph=False, backend=KERNELS)
     decoder.prefill(prompt)
     out = []
     for _ in range(steps):
@@ -395,7 +405,7 @@ def _decode_logits(model, prompt, steps=3):
 
 @pytest.mark.parametrize("family,groups", [("opt", 2), ("llama", 4)])
 def test_fused_projections_give_the_same_outputs(family, groups):
-    from pruning.fusion import ProjectionSlice, fuse_projections_
+    from pruning.infer.fusion import ProjectionSlice, fuse_projections_
 
     build = tiny_opt if family == "opt" else tiny_llama
     plain, fused = build(), build()
@@ -414,14 +424,14 @@ def test_fused_projections_give_the_same_outputs(family, groups):
 
 @pytest.mark.parametrize("family,saved_per_layer", [("opt", 2), ("llama", 3)])  # q/k/v: 3 -> 1, gate/up: 2 -> 1
 def test_fused_projections_launch_one_product_per_group(family, saved_per_layer):
-    from pruning.fusion import fuse_projections_
+    from pruning.infer.fusion import fuse_projections_
 
     counts = {}
     for fuse in (False, True):
         model = tiny_llama() if family == "llama" else tiny_opt()
         if fuse:
             fuse_projections_(model)
-        decoder = GreedyDecoder(model, batch=1, max_len=16, use_graph=False)
+        decoder = GreedyDecoder(model, batch=1, max_len=16, use_graph=False, backend=KERNELS)
         decoder.prefill(torch.randint(0, 96, (1, 4), generator=torch.Generator().manual_seed(2)))
         with _OpCounts() as ops:
             decoder.step()
@@ -430,7 +440,7 @@ def test_fused_projections_launch_one_product_per_group(family, saved_per_layer)
 
 
 def test_slices_are_right_in_any_call_order():
-    from pruning.fusion import SharedInputLinears
+    from pruning.infer.fusion import SharedInputLinears
 
     linears = [nn.Linear(8, n) for n in (3, 5, 2)]
     fused = nn.Linear(8, 10)
@@ -452,7 +462,7 @@ def test_slices_are_right_in_any_call_order():
 
 def test_fused_projections_compress_and_stack_as_2_4():
     """Fuse then compress (the bench's order), or compress then fuse (a loaded checkpoint): same outputs."""
-    from pruning.fusion import fuse_projections_
+    from pruning.infer.fusion import fuse_projections_
     from pruning.methods import prune_magnitude_
     from pruning.sparse24 import Sparse24Linear, compress_model_24
 
@@ -482,8 +492,8 @@ def test_fused_projections_compress_and_stack_as_2_4():
 
 
 def test_a_fused_model_is_not_saved(tmp_path):
-    from pruning.fusion import fuse_projections_
-    from pruning.outputs import save_model_atomically
+    from pruning.cli.outputs import save_model_atomically
+    from pruning.infer.fusion import fuse_projections_
 
     model = tiny_opt()
     fuse_projections_(model)
@@ -497,7 +507,7 @@ def test_a_fused_model_is_not_saved(tmp_path):
 def test_a_deep_copy_of_a_fused_model_runs_its_own_weights():
     plain = tiny_llama()
     fused = copy.deepcopy(plain)
-    fuse_small_ops_(fused)
+    fuse_small_ops_(fused, backend=KERNELS)
     twin = copy.deepcopy(fused)
     with torch.no_grad():
         for module in (plain, twin):
@@ -509,7 +519,7 @@ def test_a_deep_copy_of_a_fused_model_runs_its_own_weights():
 
 def test_fused_rotary_falls_back_for_what_it_does_not_cover(device):
     """Partial rotary (cos narrower than the head), another unsqueeze_dim: the model's own function runs."""
-    from pruning.fusion import fused_apply_rotary_pos_emb
+    from pruning.infer.fusion import fused_apply_rotary_pos_emb
 
     calls = []
 
@@ -518,10 +528,10 @@ def test_fused_rotary_falls_back_for_what_it_does_not_cover(device):
         return q, k
 
     q, k, cos, sin = _rotary_inputs(device, torch.float32)
-    fused_apply_rotary_pos_emb(q, k, cos[..., :32], sin[..., :32], fallback=fallback)
-    fused_apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 2, fallback=fallback)
+    fused_apply_rotary_pos_emb(q, k, cos[..., :32], sin[..., :32], fallback=fallback, backend=KERNELS)
+    fused_apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin, 2, fallback=fallback, backend=KERNELS)
     assert calls == [1, 2]
-    got = fused_apply_rotary_pos_emb(q, k, cos, sin, fallback=fallback)
+    got = fused_apply_rotary_pos_emb(q, k, cos, sin, fallback=fallback, backend=KERNELS)
     assert calls == [1, 2] and torch.equal(got[0], rotary_torch(q, k, cos, sin)[0])
 
 
@@ -541,7 +551,7 @@ def test_other_architectures_are_refused_not_fused_silently():
     model = AutoModelForCausalLM.from_config(config).eval()
     before = {name: type(module) for name, module in model.named_modules()}
     with pytest.raises(UnsupportedModelError, match="unsupported architecture 'glm'"):
-        fuse_small_ops_(model)
+        fuse_small_ops_(model, backend=KERNELS)
     assert {name: type(module) for name, module in model.named_modules()} == before
     assert not any(isinstance(m.forward, functools.partial) for m in model.modules())
 
@@ -559,12 +569,81 @@ def test_other_llama_family_models_fuse_to_the_same_outputs(model_type):
     plain = AutoModelForCausalLM.from_config(config).eval()
     fused = AutoModelForCausalLM.from_config(config).eval()
     fused.load_state_dict(plain.state_dict())
-    counts = fuse_small_ops_(fused)
+    counts = fuse_small_ops_(fused, backend=KERNELS)
     assert counts["rotary"] == counts["silu_mul"] == counts["add_rms_norm"] == 2
     assert counts["rms_norm"] == (9 if model_type == "qwen3" else 5)
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
     prompt = ids[:, :5]
-    got = GreedyDecoder(fused, batch=2, max_len=16, use_graph=False).generate(prompt, 6)
-    assert torch.equal(got, GreedyDecoder(plain, batch=2, max_len=16, use_graph=False).generate(prompt, 6))
+    got = GreedyDecoder(fused, batch=2, max_len=16, use_graph=False, backend=KERNELS).generate(prompt, 6)
+    assert torch.equal(
+        got, GreedyDecoder(plain, batch=2, max_len=16, use_graph=False, backend=KERNELS).generate(prompt, 6)
+    )
+
+
+def test_the_rotary_swap_affects_only_fused_attention_in_its_own_thread():
+    """The module global stays the model's own function for unfused models and for other threads, even while a
+    fused attention runs (a context variable, not a swap per call)."""
+    import threading
+
+    from transformers.models.llama import modeling_llama
+
+    from pruning.infer import fusion
+
+    fuse_small_ops_(tiny_llama(), backend=KERNELS)  # installs the dispatcher
+    dispatch = modeling_llama.apply_rotary_pos_emb
+    calls = []
+    own = functools.partial(lambda tag, *args, **kwargs: calls.append(tag) or args[:2], "own")
+    q = k = torch.randn(1, 2, 3, 8)
+    cos = sin = torch.randn(1, 3, 8)
+    seen_elsewhere = []
+
+    def other_thread():
+        dispatch.func(own, q, k, cos, sin)
+        seen_elsewhere.append(list(calls))
+
+    token = fusion._FUSED_ROTARY_BACKEND.set("torch")  # as inside a fused attention's forward, in this thread
+    try:
+        dispatch.func(own, q, k, cos, sin)  # here: fused, so "torch" runs the model's own function as fallback
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    finally:
+        fusion._FUSED_ROTARY_BACKEND.reset(token)
+    assert seen_elsewhere == [["own", "own"]]
+    calls.clear()
+    fused_calls = []
+    token = fusion._FUSED_ROTARY_BACKEND.set(KERNELS)
+    try:
+        original_rotary = fusion.fused_apply_rotary_pos_emb
+        fusion.fused_apply_rotary_pos_emb = lambda *a, **kw: fused_calls.append(kw["backend"])
+        dispatch.func(own, q, k, cos, sin)
+    finally:
+        fusion.fused_apply_rotary_pos_emb = original_rotary
+        fusion._FUSED_ROTARY_BACKEND.reset(token)
+    assert fused_calls == [KERNELS] and calls == []
+    dispatch.func(own, q, k, cos, sin)  # outside: the model's own function
+    assert calls == ["own"]
+
+
+def test_auto_backend_runs_the_references_off_cuda(monkeypatch):
+    """``wanda_kernels.policy``: "auto" never picks the interpreter (the references run, same outputs); "triton"
+    runs our kernels under it; an unknown name is refused up front."""
+    import wanda_kernels.rmsnorm as rmsnorm_module
+
+    def kernel_called(*args, **kwargs):
+        raise AssertionError("the RMSNorm kernel ran")
+
+    monkeypatch.setattr(rmsnorm_module, "rms_norm", kernel_called)
+    monkeypatch.setattr(rmsnorm_module, "add_rms_norm", kernel_called)
+    plain, fused, with_kernels = tiny_llama(), tiny_llama(), tiny_llama()
+    fuse_small_ops_(fused)  # backend "auto"
+    fuse_small_ops_(with_kernels, backend=KERNELS)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=0, atol=0)
+        with pytest.raises(AssertionError, match="RMSNorm kernel ran"):
+            with_kernels(ids)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fuse_small_ops_(tiny_llama(), backend="cuda")

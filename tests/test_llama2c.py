@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bench.fixtures.llama2c import llama2c_to_hf_model, load_llama2c, read_llama2c_vocab, save_llama2c_as_hf
 from pruning.data import get_eval_ids
 from pruning.evaluate import perplexity
-from pruning.llama2c import llama2c_to_hf_model, load_llama2c, read_llama2c_vocab, save_llama2c_as_hf
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 STORIES = SHARED_DATA / "stories260K"

@@ -20,8 +20,8 @@ from torch import nn
 
 import pruning
 from pruning.adapters import get_adapter
-from pruning.evaluate import perplexity
-from pruning.layerwise import capture_layer_inputs, layerwise_perplexity, run_layer, with_smaller_batches_on_oom
+from pruning.evaluate import layerwise_perplexity, perplexity
+from pruning.layerwise import capture_layer_inputs, run_layer, with_smaller_batches_on_oom
 
 MODELS = {"opt": tiny_opt_model, "llama": tiny_llama}
 CPU = torch.device("cpu")

@@ -9,7 +9,7 @@ from pathlib import Path
 WRITER = """
 import sys
 from pathlib import Path
-from pruning.outputs import metrics_path, write_metrics, write_wanda_log
+from pruning.cli.outputs import metrics_path, write_metrics, write_wanda_log
 directory, worker = Path(sys.argv[1]), int(sys.argv[2])
 for i in range(150):
     write_wanda_log(directory, "wanda", worker + i / 1000, 10.0)

@@ -17,8 +17,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import pruning
+from bench.baselines import layer_output, locuslab_prune_, per_sample_layer_inputs
 from pruning.adapters import UnsupportedModelError, get_adapter
-from pruning.layerwise import layerwise_perplexity
+from pruning.evaluate import layerwise_perplexity
 from pruning.methods import accumulate_hessian_, prune_sparsegpt_
 
 
@@ -57,35 +58,11 @@ def linears(model: nn.Module) -> dict[str, nn.Linear]:
 # --- independent re-implementation of the published drivers --------------------------------------------
 
 
-def _reference_layer_inputs(model, ids):
-    """prepare_calibration_input: layer-0 inputs of each sample, one sample per forward."""
-    layers = get_adapter(model).layers(model)
-    captured = []
-
-    def hook(_module, args, kwargs):
-        captured.append((args[0] if args else kwargs["hidden_states"], {k: v for k, v in kwargs.items()}))
-        raise StopIteration
-
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    for j in range(ids.shape[0]):
-        try:
-            model(input_ids=ids[j : j + 1], use_cache=False)
-        except StopIteration:
-            pass
-    handle.remove()
-    return captured
-
-
-def _call(layer, hidden, kwargs):
-    out = layer(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
 @torch.no_grad()
 def reference_prune(model, ids, method, sparsity, n=0, m=0):
     """locuslab/wanda prune_wanda / sparsegpt opt_sequential, per sample and per Linear, as published.
     Returns each Linear's reference scores (Wanda) for the tie check."""
-    samples = _reference_layer_inputs(model, ids)
+    samples = per_sample_layer_inputs(model, ids)
     scores = {}
     for i, layer in enumerate(get_adapter(model).layers(model)):
         subset = {n_: mod for n_, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
@@ -117,26 +94,17 @@ def reference_prune(model, ids, method, sparsity, n=0, m=0):
 
         handles = [subset[name].register_forward_hook(add_batch(name)) for name in subset]
         for hidden, kwargs in samples:
-            _call(layer, hidden, kwargs)
+            layer_output(layer, hidden, kwargs)
         for h in handles:
             h.remove()
         for name, mod in subset.items():
             if method == "wanda":
-                w_metric = torch.abs(mod.weight.data) * torch.sqrt(stats[name]["scaler_row"].reshape((1, -1)))
-                w_mask = torch.zeros_like(w_metric) == 1
-                if n != 0:
-                    for ii in range(w_metric.shape[1]):
-                        if ii % m == 0:
-                            tmp = w_metric[:, ii : (ii + m)].float()
-                            w_mask.scatter_(1, ii + torch.topk(tmp, n, dim=1, largest=False)[1], True)
-                else:
-                    sort_res = torch.sort(w_metric, dim=-1, stable=True)
-                    w_mask.scatter_(1, sort_res[1][:, : int(w_metric.shape[1] * sparsity)], True)
-                mod.weight.data[w_mask] = 0
-                scores[f"{i}.{name}"] = w_metric.double()
+                scaler_row = stats[name]["scaler_row"]
+                scores[f"{i}.{name}"] = (torch.abs(mod.weight.data) * torch.sqrt(scaler_row.reshape((1, -1)))).double()
+                locuslab_prune_(mod.weight.data, scaler_row, sparsity, n, m)
             else:
                 prune_sparsegpt_(mod.weight.data, stats[name]["H"], sparsity, n, m)
-        samples = [(_call(layer, hidden, kwargs), kwargs) for hidden, kwargs in samples]
+        samples = [(layer_output(layer, hidden, kwargs), kwargs) for hidden, kwargs in samples]
     return scores
 
 
@@ -315,7 +283,7 @@ def test_bad_arguments_are_clear_errors():
         pruning.prune_model(model, ids, "wanda", 1.0)
     with pytest.raises(ValueError, match="sparsity_ratio 0.5"):
         pruning.prune_model(model, ids, "wanda", 0.6, "2:4")
-    with pytest.raises(ValueError, match="prune_method must be one of"):
+    with pytest.raises(ValueError, match="method must be one of"):
         pruning.prune_model(model, ids, "obs")
     with pytest.raises(ValueError, match="max_position_embeddings"):
         pruning.prune_model(model, torch.zeros(2, 65, dtype=torch.long), "wanda", 0.5)
@@ -408,15 +376,15 @@ def test_a_linear_the_adapter_does_not_list_is_still_calibrated(method, monkeypa
     before the MLP): the statistics pass must not end at its input, or the MLP groups would see nothing."""
     import dataclasses
 
-    import pruning.driver
+    import pruning.plan
 
     ids = calibration_ids()
     listed, unlisted = tiny_llama(), tiny_llama()
     pruning.prune_model(listed, ids, method, 0.5, calib_batch_size=3)
     adapter = get_adapter(unlisted)
     groups = tuple(tuple(n for n in g if n != "self_attn.o_proj") for g in adapter.linear_groups)
-    monkeypatch.setattr(pruning.driver, "get_adapter", lambda _m: dataclasses.replace(adapter, linear_groups=groups))
-    assert pruning.driver.get_adapter(unlisted).groups_for(unlisted.model.layers[0])[-1] == ["self_attn.o_proj"]
+    monkeypatch.setattr(pruning.plan, "get_adapter", lambda _m: dataclasses.replace(adapter, linear_groups=groups))
+    assert pruning.plan.get_adapter(unlisted).groups_for(unlisted.model.layers[0])[-1] == ["self_attn.o_proj"]
     pruning.prune_model(unlisted, ids, method, 0.5, calib_batch_size=3)
     for name, lin in linears(unlisted).items():
         torch.testing.assert_close(lin.weight, linears(listed)[name].weight, rtol=1e-5, atol=1e-6, msg=name)

@@ -8,9 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from pruning.runner import GreedyDecoder, PrefillRunner
+from bench.fixtures.models import tiny_model
+from pruning.infer.runner import GreedyDecoder, PrefillRunner
+
+KERNELS = "triton"  # our kernels wherever Triton runs: here, the CPU under the interpreter
 
 
 def tiny(family: str):
@@ -22,13 +24,7 @@ def tiny(family: str):
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                sliding_window=8)  # fmt: skip
         return MistralForCausalLM(config).eval()
-    if family == "opt":
-        config = OPTConfig(vocab_size=96, hidden_size=64, word_embed_proj_dim=64, ffn_dim=128, num_hidden_layers=2,
-                           num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
-        return OPTForCausalLM(config).eval()
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return tiny_model(family)
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
@@ -38,7 +34,7 @@ def test_greedy_decoder_in_bf16_picks_the_full_forward_argmax(family):
     be that forward's argmax, within one bf16 ulp at the logits' scale (2^-7 relative)."""
     model = tiny(family).to(torch.bfloat16)
     prompt = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(0))
-    tokens = GreedyDecoder(model, batch=2, max_len=29, use_graph=False).generate(prompt, 12)
+    tokens = GreedyDecoder(model, batch=2, max_len=29, use_graph=False, backend=KERNELS).generate(prompt, 12)
     with torch.no_grad():
         logits = model(torch.cat([prompt, tokens], dim=1)).logits.float()[:, 6:-1]  # the positions that chose them
     gap = logits.max(dim=-1).values - logits.gather(2, tokens.unsqueeze(-1)).squeeze(-1)
@@ -51,7 +47,9 @@ def test_greedy_decoder_matches_generate(family):
     prompt = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)[:, 7:]
-    decoder = GreedyDecoder(model, batch=2, max_len=29, use_graph=False)  # 32 cache slots, 3 never written
+    decoder = GreedyDecoder(
+        model, batch=2, max_len=29, use_graph=False, backend=KERNELS
+    )  # 32 cache slots, 3 never written
     assert torch.equal(decoder.generate(prompt, 12), want)
     # The cache is reset by the next prefill: a second run gives the same tokens.
     assert torch.equal(decoder.generate(prompt, 12), want)
@@ -99,7 +97,7 @@ def test_graphed_decode_steps_compute_what_eager_steps_do(family, monkeypatch):
     replayed step's logits must be the eager step's, bit for bit, over two generations. A sliding window (8,
     shorter than the decode) branches on a host-side count, which no single captured step can follow: that
     decoder runs eagerly."""
-    from pruning import runner
+    from pruning.infer import runner
 
     model = tiny(family)
     prompt = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -111,12 +109,12 @@ def test_graphed_decode_steps_compute_what_eager_steps_do(family, monkeypatch):
             step_logits.append(output.logits[:, -1].clone())
 
     model.register_forward_hook(record, with_kwargs=True)
-    want_tokens = GreedyDecoder(model, batch=2, max_len=32, use_graph=False).generate(prompt, 12)
+    want_tokens = GreedyDecoder(model, batch=2, max_len=32, use_graph=False, backend=KERNELS).generate(prompt, 12)
     want_logits, step_logits[:] = list(step_logits), []
     assert len(want_logits) == 11
     monkeypatch.setattr(runner, "_capture", _capture_on_cpu)
     graphed["on"] = True
-    decoder = GreedyDecoder(model, batch=2, max_len=32, use_graph=True)
+    decoder = GreedyDecoder(model, batch=2, max_len=32, use_graph=True, backend=KERNELS)
     for _ in range(2):  # the second generation replays only, after a fresh prefill
         step_logits[:] = []
         assert torch.equal(decoder.generate(prompt, 12), want_tokens)
@@ -129,7 +127,7 @@ def test_graphed_decode_steps_compute_what_eager_steps_do(family, monkeypatch):
 
 
 def test_decoder_refuses_overflow():
-    decoder = GreedyDecoder(tiny("llama"), batch=1, max_len=8, use_graph=False)
+    decoder = GreedyDecoder(tiny("llama"), batch=1, max_len=8, use_graph=False, backend=KERNELS)
     with pytest.raises(ValueError, match="prompt must be"):
         decoder.prefill(torch.zeros(1, 8, dtype=torch.long))
     decoder.prefill(torch.zeros(1, 6, dtype=torch.long))
@@ -137,7 +135,7 @@ def test_decoder_refuses_overflow():
     decoder.step()
     with pytest.raises(ValueError, match="full"):
         decoder.step()
-    fresh = GreedyDecoder(tiny("llama"), batch=1, max_len=8, use_graph=False)
+    fresh = GreedyDecoder(tiny("llama"), batch=1, max_len=8, use_graph=False, backend=KERNELS)
     with pytest.raises(ValueError, match="call prefill"):
         fresh.step()
     with pytest.raises(ValueError, match="prompt must be"):
@@ -161,15 +159,15 @@ def test_prefill_runner_returns_last_logits(family):
 @pytest.mark.parametrize("fused", [False, True], ids=["as-written", "fused"])
 @pytest.mark.parametrize("family", ["opt", "llama"])
 def test_graphed_runners_match_eager_on_cuda(family, fused):
-    from pruning.fusion import fuse_projections_, fuse_small_ops_
+    from pruning.infer.fusion import fuse_projections_, fuse_small_ops_
 
     model = tiny(family).half().cuda()
     if fused:
-        fuse_small_ops_(model)
+        fuse_small_ops_(model, backend=KERNELS)
         fuse_projections_(model)
     prompt = torch.randint(3, 96, (2, 7), device="cuda")
-    eager = GreedyDecoder(model, batch=2, max_len=32, use_graph=False).generate(prompt, 10)
-    graphed_decoder = GreedyDecoder(model, batch=2, max_len=32, use_graph=True)
+    eager = GreedyDecoder(model, batch=2, max_len=32, use_graph=False, backend=KERNELS).generate(prompt, 10)
+    graphed_decoder = GreedyDecoder(model, batch=2, max_len=32, use_graph=True, backend=KERNELS)
     graphed = graphed_decoder.generate(prompt, 10)
     assert graphed_decoder.use_graph, "decode-step capture failed and fell back to eager"
     assert torch.equal(eager, graphed)
@@ -210,13 +208,13 @@ def test_runners_are_capturable_and_prefill_stays_maskless(family, capturing, fu
     layers of pruning.fusion (one-kernel norms and rotary, shared q/k/v products) must keep it so."""
     import transformers.utils.import_utils as hf_import_utils
 
-    from pruning.fusion import fuse_projections_, fuse_small_ops_
+    from pruning.infer.fusion import fuse_projections_, fuse_small_ops_
 
     model = tiny(family)
     if fused:
-        fuse_small_ops_(model)
+        fuse_small_ops_(model, backend=KERNELS)
         fuse_projections_(model)
-    decoder = GreedyDecoder(model, batch=2, max_len=32, use_graph=False)
+    decoder = GreedyDecoder(model, batch=2, max_len=32, use_graph=False, backend=KERNELS)
     decoder.prefill(torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(0)))
     decoder.step()
     runner = PrefillRunner(model, batch=2, seqlen=10, use_graph=False)
@@ -241,7 +239,7 @@ def test_cache_layers_with_other_value_head_size_keep_transformers_update():
     updated by transformers' own method, as if the decoder had not touched it."""
     from transformers.cache_utils import StaticLayer
 
-    decoder = GreedyDecoder(tiny("llama"), batch=1, max_len=8, use_graph=False)
+    decoder = GreedyDecoder(tiny("llama"), batch=1, max_len=8, use_graph=False, backend=KERNELS)
     keys, values = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 4)
     ours, theirs = StaticLayer(max_cache_len=8), StaticLayer(max_cache_len=8)
     got = decoder._write_cache_layer(ours, keys, values)
@@ -255,7 +253,7 @@ def test_decode_step_mask_gives_transformers_own_masking(family):
     """A decode step passes its own additive [1, 1, 1, slots] mask (-inf past the position); the logits equal
     those of the step under the mask transformers builds from the 2-D one, bit for bit."""
     model = tiny(family)
-    decoder = GreedyDecoder(model, batch=2, max_len=29, use_graph=False)
+    decoder = GreedyDecoder(model, batch=2, max_len=29, use_graph=False, backend=KERNELS)
     decoder.prefill(torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(0)))
     seen = []
     hook = model.register_forward_hook(lambda _m, _a, out: seen.append(out.logits[:, -1].clone()))
@@ -276,7 +274,7 @@ def test_decode_step_mask_gives_transformers_own_masking(family):
 
 def test_a_failed_capture_reports_its_first_error_and_restores_the_stream(monkeypatch, caplog):
     """An invalidated capture fails again in capture_end, before the graph context puts the stream back."""
-    from pruning import runner
+    from pruning.infer import runner
 
     streams = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -301,7 +299,7 @@ def test_a_failed_capture_reports_its_first_error_and_restores_the_stream(monkey
 def test_a_prompt_on_the_cpu_decodes_on_the_gpu():
     model = tiny("llama").cuda()
     prompt = torch.randint(3, 96, (1, 7), generator=torch.Generator().manual_seed(0))
-    tokens = GreedyDecoder(model, batch=1, max_len=20).generate(prompt, 4)
+    tokens = GreedyDecoder(model, batch=1, max_len=20, backend=KERNELS).generate(prompt, 4)
     with torch.no_grad():
         want = model.generate(prompt.cuda(), max_new_tokens=4, do_sample=False, min_new_tokens=4)[:, 7:]
     assert torch.equal(tokens, want)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 import pruning
+from bench.fixtures.llama2c import load_llama2c
 from pruning.data import tokenize
 from pruning.evaluate import perplexity
-from pruning.llama2c import load_llama2c
 
 SEQLEN = 256
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

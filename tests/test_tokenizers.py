@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
-from pruning.tokenizers import build_opt_tokenizer, byte_level_tokenizer
+from bench.fixtures.opt_tokenizer import build_opt_tokenizer
+from pruning.tokenizers import byte_level_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GPT2_DIR = SHARED_DATA / "gpt2_tokenizer"

@@ -3,16 +3,10 @@
 Spec: ``wanda_kernels.reference.write_kv_cache_torch``: ``keys[:, :, positions] = new_keys`` and the same for
 values, then ``length = positions[-1] + 1``. keys and values [B, H, L, D] (the cache, head dims contiguous),
 new_keys and new_values [B, H, T, D] (any strides: attention hands over transposed projections), positions
-int64 [T], length an int64 scalar tensor; all on one device. A pure copy: the result is exact.
-
-transformers' static cache layer does this with five kernels per layer and step (an arange, an add to its
-own position counter, the counter's increment, two ``index_copy_``), and takes the position from that
-counter, which the warm-up runs before a CUDA-graph capture advance. Here the position is an input, so a
-captured decode step writes where the step's ``cache_position`` says however often it has run, and the
-counter is set (not incremented) for whoever reads it.
-
-Grid: one program per (batch, head) and block of positions; the program of the first block of the first head
-sets the counter (nothing in the kernel reads it, so there is no race).
+int64 [T], length an int64 scalar tensor; all on one device. A pure copy: the result is exact. The position is
+an input (not a device-side counter), so a captured decode step writes where its ``cache_position`` says; the
+counter is set, not incremented. One program per (batch, head) and block of positions.
+Design notes (vs transformers' five-kernel update): docs/kernels.md.
 """
 
 from __future__ import annotations

@@ -5,9 +5,8 @@ column). Shapes: scores [O, C] fp16/bf16/fp32, any strides, ``C % m == 0`` -> bo
 
 Each program holds a [BLOCK_R, BLOCK_G, M_PAD] tile of groups in registers and ranks every member
 against the other ``m - 1`` of its group on order-preserving int32 keys (``_keys``):
-rank_j = #{i : key_i < key_j or (key_i == key_j and i < j)}; prune where rank_j < n. That is m^2
-integer compares per group (16 for 2:4), one read of the scores and one write of the mask: a purely
-memory-bound pass. Like the unstructured kernel, it can score from the weight and zero it in place.
+rank_j = #{i : key_i < key_j or (key_i == key_j and i < j)}; prune where rank_j < n. Like the unstructured
+kernel, it can score from the weight and zero it in place. Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations

@@ -1,17 +1,12 @@
 """2:4 compressed format: pack a 2:4-sparse weight into kept values + 2-bit indices, and unpack it.
 
-Spec: ``wanda_kernels.reference.pack_24_torch`` / ``unpack_24_torch``.
-
-Format (row-major, per output row of a weight [O, C], C % 8 == 0):
+Spec: ``wanda_kernels.reference.pack_24_torch`` / ``unpack_24_torch``. Per output row of a weight [O, C], C % 8 == 0:
   values [O, C/2]  the model dtype: the two kept entries of each group of 4 columns, lower column first.
   meta   [O, C/8]  uint8: each kept value's column inside its group (0..3) as 2 bits; byte b holds kept
-                   values 4b..4b+3 (two groups), value 4b+i in bits [2i, 2i+2).
-  Storage: C*esize/2 + C/8 bytes per row, 0.5625x the dense fp16/bf16 size.
-
-A group with more than 2 zeros keeps (and stores as zero) its lowest-index zero columns, so unpacking is
-exact for any 2:4-sparse weight. A group with more than 2 non-zeros is not 2:4: ``pack_24`` reports the
-number of such groups (the caller names the module), and ``wanda_prune_pack_24`` fuses Wanda's 2:4
-selection with packing so a dense weight goes to the compressed form in one pass.
+                   values 4b..4b+3 (two groups), value 4b+i in bits [2i, 2i+2). 0.5625x the dense fp16/bf16 size.
+A group with more than 2 zeros keeps its lowest-index zero columns (unpacking is exact for any 2:4 weight); more
+than 2 non-zeros is not 2:4 (``pack_24`` raises). ``wanda_prune_pack_24``: Wanda's 2:4 selection + packing in one
+pass. Design notes: docs/kernels.md; the checkpoint format: docs/sparse24.md.
 """
 
 from __future__ import annotations

@@ -1,19 +1,15 @@
 """Plain-torch references for every op in ``wanda_kernels``: these functions ARE the spec.
 
-Each ``<op>_torch`` has the same signature and return contract as the Triton op ``<op>``. They are
-written for clarity (sort, topk, broadcasting), not speed, and follow locuslab/wanda's semantics:
-
+Each ``<op>_torch`` has the signature and return contract of the Triton op ``<op>``, written for clarity (sort,
+topk, broadcasting), not speed, with locuslab/wanda's semantics:
 * Scores: ``|W| * sqrt(act_sq_norms)`` in fp32 (``prune_wanda``'s ``W_metric``).
-* Unstructured: per output row, prune the ``int(C * sparsity)`` smallest scores; among equal scores the
-  lower column index is pruned first (a stable ascending sort, ``torch.sort(..., stable=True)``).
+* Unstructured: per row, prune the ``int(C * sparsity)`` smallest scores, ties to the lower column (stable sort).
 * N:M: in each group of ``m`` consecutive columns prune the ``n`` smallest, ties to the lower index.
 * Magnitude: one threshold per matrix, ``|w| <= sort(|W|)[int(numel * sparsity)]``.
 * SparseGPT block: the published column loop of one block (OBS updates with U, the upper Cholesky factor of
-  H^-1), N:M groups chosen by a stable sort of ``w^2 / U_jj^2`` as the pruning method does.
-
-Ordering of non-finite scores follows ``torch.sort``: NaN ranks above +inf, so NaN and inf entries are
-pruned last (a NaN weight is never silently hidden by pruning it first). ``-0.0`` ranks equal to ``+0.0``.
-``sparsity == 0`` prunes nothing, as locuslab/wanda's ``main.py`` skips pruning at ratio 0.
+  H^-1), N:M groups by a stable sort of ``w^2 / U_jj^2`` as the pruning method does.
+Non-finite scores order as in ``torch.sort``: NaN above +inf, so NaN and inf entries are pruned last (why:
+docs/kernels.md); ``-0.0`` equals ``+0.0``. ``sparsity == 0`` prunes nothing (locuslab/wanda's ``main.py``).
 """
 
 from __future__ import annotations

@@ -2,13 +2,10 @@
 ``add_rms_norm``, the residual sum that precedes it, in the same kernel.
 
 Spec: ``wanda_kernels.reference.rms_norm_torch`` (= transformers' ``LlamaRMSNorm.forward``). x [..., D]
-fp16/bf16/fp32, weight [D] fp16/bf16/fp32 -> y [..., D] contiguous, of dtype ``promote(weight, x)``.
-
-One program per row: one read of x and one write of y, where the module as written in torch launches six
-kernels (cast, square, mean, add + rsqrt, scale, weight product), which at decode sizes are six launches
-of almost no work each. Numerics follow the module: the mean of squares in fp32, the normalized row rounded
-to x's dtype *before* the weight product, and that product rounded once (exact in fp32 for 16-bit operands,
-so it equals torch's). Only the sum's order and rsqrt's last bit can differ from torch: <= 1 ulp of x's dtype.
+fp16/bf16/fp32, weight [D] fp16/bf16/fp32 -> y [..., D] contiguous, of dtype ``promote(weight, x)``. One program
+per row. Numerics follow the module: the mean of squares in fp32, the normalized row rounded to x's dtype *before*
+the weight product, and that product rounded once. Only the sum's order and rsqrt's last bit can differ from
+torch: <= 1 ulp of x's dtype. Design notes (vs torch's six kernels): docs/kernels.md.
 """
 
 from __future__ import annotations

@@ -3,13 +3,9 @@
 Spec: ``wanda_kernels.reference.rotary_torch``: ``x * cos + rotate_half(x) * sin`` for x = q and x = k, where
 ``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])``. q [B, Hq, T, D], k [B, Hk, T, D] (any strides, as the
 attention's transposed projections are), cos and sin [B or 1, T, D], all one float dtype; returns
-(q_rot, k_rot) with the strides of q and k.
-
-One program per (batch, position) reads that position's cos/sin row once and rotates every query and key
-head, where the torch expression launches ten kernels (products, slices, negation, concatenation, sums) of
-almost no work each at decode sizes. Numerics are torch's operation for operation: each product rounded to
-the input dtype, then their sum rounded; FMA contraction is disabled so fp32 rounds the same way too. The
-result is bit-identical to the torch expression.
+(q_rot, k_rot) with the strides of q and k. Bit-identical to the torch expression: each product rounded to the
+input dtype, then their sum rounded, no FMA contraction. One program per (batch, position), all heads.
+Design notes (vs torch's ten kernels): docs/kernels.md.
 """
 
 from __future__ import annotations

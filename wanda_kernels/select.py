@@ -3,13 +3,9 @@
 Spec: ``wanda_kernels.reference.kth_smallest_torch`` = ``torch.sort(x.flatten().float())[0][k]`` (optionally of
 |x|), with ``torch.sort``'s order: NaN above +inf, -0.0 equal to +0.0. x: any shape, fp16/bf16/fp32, any strides
 that flatten without a copy; returns an fp32 0-d tensor on x's device (no host synchronization).
-
-Why: one threshold over a whole matrix (magnitude pruning, SparseGPT's per-block threshold) is a selection,
-not a sort, but ``torch.kthvalue`` on one long slice runs as a single thread block on CUDA. Here every pass
-is a grid over all elements: each program histograms one 8-bit digit of the order-preserving key (``_keys``)
-of the elements whose higher digits match the prefix found so far, and adds its 256 counts to a global
-histogram; a few [256] torch ops on the device then pick the digit that holds the k-th element. Four passes
-read x four times; nothing else touches memory.
+Each pass is a grid over all elements that histograms one 8-bit digit of the order-preserving key (``_keys``)
+among the elements whose higher digits match the prefix found so far; four reads of x.
+Design notes (why not ``torch.kthvalue``): docs/kernels.md.
 """
 
 from __future__ import annotations

@@ -3,16 +3,10 @@
 Spec: ``wanda_kernels.reference.sparse24_linear_torch`` (= ``F.linear(x, unpack_24(values, meta), bias)``).
 x [..., C] and values [O, C/2] share a float dtype; meta uint8 [O, C/8] (format: ``wanda_kernels.pack24``);
 bias [O] or None -> y [..., O] contiguous, in x's dtype, accumulated in fp32.
-
-Decode is memory-bound: a dense GEMV reads 16 bits per weight, this kernel reads each kept value once and
-2 bits of index (9 bits per original weight), so its ceiling is 16/9 = 1.78x. Each program owns BLOCK_O
-output rows and every token of the call (up to 16), so the packed weight is read from DRAM once. Per step
-it takes BLOCK_K kept values along the row, in one of two ways that the autotuner measures per shape:
-  * gather: each kept value meets the x entry its 2-bit index names (an [M, O, K] gather, M <= 4);
-  * select (one token): each step loads the x entries of its K/2 groups once, 4 per group, for all BLOCK_O
-    rows; each kept value takes its entry with two compares and selects instead of a gathered load;
-  * dot: the [O, 2K] dense-with-zeros tile is rebuilt in registers and goes through tl.dot (tensor cores),
-    the token tile padded to 16 rows.
+Each program owns BLOCK_O output rows and every token of the call (up to 16), so the packed weight is read once;
+the autotuner picks per shape how it multiplies (``PATH_*``: gather, gather-reduce, select for one token, or dot
+on tensor cores with the token tile padded to 16 rows).
+Design notes (the 16/9 ceiling, each path, compiler statistics): docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -85,13 +79,9 @@ def _sparse24_linear_kernel(
     BLOCK_K: tl.constexpr,
     PATH: tl.constexpr,
 ):
-    # n_kept (= n_cols / 2) and meta_stride (= n_cols / 8) are arguments, not computed here, so that Triton's
-    # launcher sees that they divide by 16 on real shapes and vectorizes the row loads. The index arithmetic
-    # (unsigned division, shifts, masks) is the mix with the shortest loops under both triton 3.6 and 3.9
-    # (SASS lengths from tests/compile_kernels.py): `//` on int32 costs sign fix-ups where 3.6 cannot prove
-    # the operand >= 0.
-    # Token tiles vary fastest across programs: the tiles that share a weight block run side by side, so past
-    # the first, their reads of it come from L2 (more than 16 tokens; up to 16 there is one tile).
+    # n_kept and meta_stride are arguments so that the launcher sees they divide by 16 (vectorized row loads);
+    # the index arithmetic is unsigned. Token tiles vary fastest: tiles sharing a weight block reuse it from L2.
+    # Why (SASS lengths under triton 3.6 and 3.9): docs/kernels.md.
     token0 = tl.program_id(0) * BLOCK_M
     outs = (tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)).to(tl.int64)
     out_ok = outs < n_out
@@ -144,9 +134,8 @@ def _sparse24_linear_kernel(
         tokens = token0 + rows
         token_ok = tokens < n_tokens
         x_rows = x_ptr + tokens.to(tl.int64)[:, None, None] * stride_x
-        # PATH_GATHER accumulates products element-wise and reduces over K once, after the loop;
-        # PATH_GATHER_REDUCE reduces every step (cross-lane shuffles, but fewer registers: larger tiles fit).
-        # Which costs less depends on the compiler (SASS under triton 3.6 and 3.9 disagree), so both are offered.
+        # PATH_GATHER reduces over K once, after the loop; PATH_GATHER_REDUCE every step (fewer registers).
+        # Which costs less depends on the compiler (docs/kernels.md), so both are offered.
         acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
         partial = tl.zeros([BLOCK_M, BLOCK_O, BLOCK_K if PATH == 0 else 1], dtype=tl.float32)
         for k0 in range(0, n_kept, BLOCK_K):
@@ -172,16 +161,13 @@ def _sparse24_linear_kernel(
 
 
 # Candidates, measured per shape and token count on first use on a GPU: (BLOCK_O output rows per program,
-# BLOCK_K kept values per step, num_warps). Which path wins is left to the measurement; ``_prune_configs``
-# drops the ones that cannot work or would spill registers. None of the offered (tile, token count) pairs
-# spills on sm_80 or sm_90 under triton 3.6 or 3.9 (tests/compile_kernels.py). 64-row tiles issue the fewest
-# instructions per weight but give only n_out / 64 programs, too few to fill a GPU on narrow layers.
+# BLOCK_K kept values per step, num_warps); ``_prune_configs`` drops those that cannot work or would spill.
+# Spills, tile trade-offs and static costs: docs/kernels.md.
 _GPU_CONFIGS = {
     PATH_GATHER: [(8, 128, 2), (16, 128, 4), (32, 256, 8)],
     PATH_GATHER_REDUCE: [(64, 64, 4), (32, 128, 4)],
     PATH_DOT: [(16, 64, 4), (32, 64, 4), (16, 128, 4), (32, 128, 8), (64, 32, 4), (64, 64, 4)],
-    # Static cost (tests/compile_kernels.py, sm_90, fp16): 64x64 w4 issues 0.204 warp-instructions per dense
-    # weight under triton 3.6, 16x256 w4 0.195 under 3.9: the least of any path at one token.
+    # The fewest instructions per dense weight of any path at one token (docs/kernels.md).
     PATH_SELECT: [(64, 64, 4), (32, 128, 4), (16, 256, 4), (8, 128, 2)],
 }
 MAX_GATHER_ROWS = 4  # the gather's work grows with the token count; past 4 tokens only tensor cores are offered

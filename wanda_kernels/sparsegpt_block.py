@@ -1,25 +1,13 @@
 """One SparseGPT column block in one kernel: mask selection, OBS updates and the pruned block, all in registers.
 
-Spec: ``wanda_kernels.reference.sparsegpt_block_torch`` (the column loop of IST-DASLab/sparsegpt ``fasterprune``
-for one block, written in plain torch). Shapes: ``w_block`` fp32 [O, B] (any strides; overwritten with the pruned
-block Q), ``hinv_block`` fp32 [B, B] (the block's diagonal tile of U, the upper Cholesky factor of H^-1; only
-its upper triangle is read), and either ``mask`` bool [O, B] (unstructured: chosen by the caller, True = prune)
-or N:M parameters. Returns ``(err, mask)``: err fp32 [O, B] (the scaled errors the caller feeds to the lazy
-batch update ``W[:, i2:] -= err @ U[i1:i2, i2:]``) and the mask used.
-
-For every column ``i`` of the block, left to right (rows are independent, so each program owns a tile of rows):
-
-* N:M only, when ``i % m == 0``: in columns ``[i, i + m)`` prune the ``n`` smallest ``w^2 / U_jj^2`` of each
-  row, from the weights as updated so far (ties: lower column first, the stable sort of the reference);
-* ``q = w`` with pruned entries zeroed, ``err = (w - q) / U_ii``, ``Q[:, i] = q``, ``err[:, i] = err``;
-* ``W[:, j] -= err * U[i, j]`` for ``j > i`` (column ``i`` itself is never read again).
-
-The [BLOCK_R, BLOCK_C] row tile stays in registers for the whole block: one read of W and one write of Q, while
-U's rows stream from L2 (every program reads the same B x B tile; the next row is prefetched a column ahead).
-Numerics follow the reference operation by operation: fp32 throughout, IEEE divisions (``div_rn``), and the
-launch disables FMA contraction so ``w - err * u`` rounds the product then the difference, as torch does.
-Column ``i`` is taken out of the tile with a masked sum (one non-zero term: exact). N:M ranks use the
-order-preserving int32 keys of ``_keys`` (NaN ranks last, like ``torch.sort``).
+Spec: ``wanda_kernels.reference.sparsegpt_block_torch`` (IST-DASLab/sparsegpt ``fasterprune``'s column loop, one
+block). ``w_block`` fp32 [O, B] (any strides; overwritten with the pruned block Q), ``hinv_block`` fp32 [B, B] (the
+block's diagonal tile of U, the upper Cholesky factor of H^-1; upper triangle read), and ``mask`` bool [O, B]
+(True = prune) or N:M parameters -> ``(err, mask)``: err fp32 [O, B] for the lazy batch update
+``W[:, i2:] -= err @ U[i1:i2, i2:]``, and the mask used. Per column ``i``, left to right: (N:M, ``i % m == 0``)
+prune each row's ``n`` smallest ``w^2 / U_jj^2`` in ``[i, i + m)`` of the updated weights, stable ties; then
+``q = w`` with pruned entries zeroed, ``err = (w - q) / U_ii``, ``W[:, j] -= err * U[i, j]`` for ``j > i``.
+fp32, IEEE divisions, no FMA contraction: the reference's roundings. Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -34,9 +22,7 @@ from wanda_kernels._validate import check_sparsegpt_block
 
 MAX_BLOCK_COLS = 512  # widest block (padded to a power of two) whose row tile is held in registers
 # One warp per program on a GPU, 16 fp32 per thread per tile (BLOCK_R * BLOCK_C = 512): every per-column
-# reduction over a row stays inside the warp (shuffles, no barrier). Chosen from ptxas reports (sm_90, 128-column
-# blocks: ~140-150 registers, no spills; 4 warps x 16 rows split each row across warps, so every column step
-# pays shared-memory barriers), not from timings: worth a sweep in the benchmark.
+# reduction over a row stays inside the warp. Chosen from ptxas reports, not timings (docs/kernels.md).
 TILE_ELEMS_GPU = 512
 TILE_ELEMS_INTERPRETER = 8192  # few, large programs under the interpreter (~3 ms per program instance)
 

@@ -2,17 +2,10 @@
 
 Spec: ``wanda_kernels.reference.unstructured_mask_torch`` (stable ascending sort per row, scatter the
 first k indices). Shapes: scores [O, C] fp16/bf16/fp32, any strides -> bool mask [O, C], True = prune.
-
-Instead of sorting, each program finds the k-th smallest key of one row by bisection over the int32
-key space (``_keys.ordered_keys``): ``count(keys <= mid)`` halves the interval each step and the search
-stops as soon as that count is exactly k, which for real-valued data happens after ~log2(C) steps.
-The pruned set is then ``keys < T`` plus the first ``k - count(keys < T)`` entries equal to T in column
-order (a running cumsum), which is exactly the stable sort's tie rule. Rows up to ``MAX_REGISTER_ROW``
-columns stay in registers for the whole search (one read of the row); longer rows are re-read in
-chunks of ``CHUNK`` from L2 on every step.
-
-The same kernel serves the fused Wanda pass (``fused.wanda_prune_``): it can form the scores from the
-weight and zero the pruned weights in place, with no score matrix in memory.
+Each program bisects one row's int32 keys (``_keys.ordered_keys``) for the k-th smallest, T, then prunes
+``keys < T`` plus the first ``k - count(keys < T)`` keys equal to T in column order: the stable sort's tie rule.
+Rows up to ``MAX_REGISTER_ROW`` columns stay in registers; longer rows are re-read in chunks of ``CHUNK``. The
+same kernel serves the fused Wanda pass (``fused.wanda_prune_``). Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -117,12 +110,8 @@ def _row_select_kernel(
                 tl.store(src_row + cols.to(tl.int64) * stride_col, zero, mask=prune)
 
 
-# num_warps is the one real tiling choice here (one row per program): fewer warps make each bisection
-# step's row-wide reduction cheaper and let more rows share an SM; more warps hold longer rows in fewer
-# registers per thread. Measured per row length on first use; the weight is restored between trials
-# (in-place kernel). Only the warp counts that give each thread 16-128 keys of a block are tried: at 256
-# (a 32768-column block at 4 warps) ptxas spills and takes 2.2 s to compile, 2-9x the others (sm_90, launch
-# specialization, tests/compile_kernels.py); below 16 keys per thread most warps idle in the reductions.
+# num_warps is the one real tiling choice here (one row per program), measured per row length on first use; the
+# weight is restored between trials (in-place kernel). Only 16-128 keys per thread are tried (docs/kernels.md).
 KEYS_PER_THREAD = (16, 128)
 
 

@@ -2,15 +2,12 @@
 updates with the mask chosen by Wanda's or the magnitude metric instead of the OBS saliency.
 
 * ``ablate_{wanda,mag}_seq``: the mask is chosen once, from the weights before any update (Wanda's per-row
-  ranking of ``|W| * sqrt(s_j)``, or the magnitude baseline's per-matrix threshold; N:M per group), then the
-  OBS updates run with it.
+  ranking of ``|W| * sqrt(s_j)``, or the magnitude baseline's per-matrix threshold; N:M per group); the OBS
+  updates run with it.
 * ``ablate_{wanda,mag}_iter``: the mask is chosen during the updates, per block of 128 columns (one threshold
   over the block) or per N:M group, from the weights updated so far, by ``|w| * sqrt(s_j)`` or ``|w|``.
-
-``s_j`` is ``AblateGPT.add_batch``'s ``scaler_row``, which is not Wanda's running mean: each sample's
-activations are scaled by ``sqrt(2 / N)`` *and* divided by ``N`` (the count so far), so sample ``b`` (1-based,
-in calibration order) ends up weighted by ``1 / b``: ``s_j = 2/N * sum_b ||x_bj||^2 / b``. It is reproduced
-here, up to the factor ``2/N``, which changes no ranking.
+``s_j`` is ``AblateGPT.add_batch``'s ``scaler_row``, ``s_j = 2/N * sum_b ||x_bj||^2 / b`` (sample ``b`` 1-based,
+in calibration order), reproduced up to the factor ``2/N``, which changes no ranking. Why 1/b: docs/pruning.md.
 """
 
 from __future__ import annotations

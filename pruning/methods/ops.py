@@ -1,10 +1,8 @@
-"""Pick the implementation of the ``wanda_kernels`` ops that the pruning methods call.
+"""The ``wanda_kernels`` ops of one resolved backend, so that methods are written once against :class:`KernelOps`.
 
-``"torch"`` is the plain-torch reference (``wanda_kernels.reference.<op>_torch``, trailing ``_`` dropped: the
-spec, always importable);
-``"triton"`` is the Triton op of the same name in ``wanda_kernels``. Both have identical signatures and
-results, so methods are written once against :class:`KernelOps`. The Triton package is imported lazily, so
-the torch backend keeps working when Triton (or a kernel) fails to import.
+``"torch"``: the plain-torch references (``wanda_kernels.reference.<op>_torch``, the spec, always importable);
+``"triton"``: the Triton op of the same name, imported lazily (a failing Triton import leaves torch working).
+Which of the two a run uses (``"auto"`` included) is ``wanda_kernels.policy.resolve_backend``'s decision.
 """
 
 from __future__ import annotations

@@ -3,46 +3,16 @@
 The layer-wise problem is ``min ||W X - W' X||`` over masked ``W'``, with Hessian ``H = 2/N * X^T X``
 (``X`` [tokens, in], ``N`` = number of calibration *sequences*, as in the reference's ``add_batch``). Columns
 are processed left to right in blocks; pruning column ``j`` adds ``-(w_j - q_j) / U_jj * U[j, j:]`` to the
-remaining columns, where ``U`` is the upper Cholesky factor of ``(H + damp I)^-1``. The unstructured mask is
-chosen per block of columns with one threshold over the block's ``w^2 / U_jj^2`` (all rows together); N:M
-masks are chosen every ``m`` columns from the already-updated weights. Work is in fp32; the result is written
-back into ``weight`` in its own dtype.
-
-Deliberate differences from the published code (results are otherwise the same):
-
-* N:M picks the ``n`` smallest of each group with a stable sort (ties to the lower column, as
-  ``wanda_kernels.reference.nm_mask_torch``) where the reference calls ``topk``, whose tie order is unspecified.
-* If the Cholesky factorisations fail (or produce NaN), the damping is multiplied by 10 and retried, with a
-  warning; the reference crashes. ``sparsity == 0`` (or ``n == 0`` with N:M) prunes nothing and leaves the
-  weight untouched, where the reference would still prune the smallest entry of every block.
-* The caller's Hessian is not modified unless ``inplace_hessian=True`` (the reference consumes it).
-* ``(H + damp I)^-1``'s upper Cholesky factor comes from one Cholesky of the reversed ``H`` and one triangular
-  inverse (:func:`_upper_cholesky_of_inverse`), not cholesky -> cholesky_inverse -> cholesky: the same
-  factor in fewer flops, equally accurate.
-* On CUDA, fp16/bf16 activations go into the Hessian through a tensor-core GEMM with fp32 accumulation and
-  output (exact products, fp32 sum), with ``2/N`` applied to the product; the reference copies them to fp32,
-  scales them by ``sqrt(2/N)`` and runs an fp32 SGEMM. Same sum up to fp32 rounding, at tensor-core rather
-  than CUDA-core rates (:func:`_gram_on_tensor_cores`). On the CPU, and for fp32 activations, the
-  reference's path is kept.
-
-Two backends compute the same thing. ``backend="torch"`` is the published loop above, one column at a time
-(a handful of tiny kernels per column). ``backend="triton"`` runs each block's whole column loop in one kernel
-(``wanda_kernels.sparsegpt_block_``: mask application, N:M selection, OBS updates, the pruned block Q and the
-errors, with the row tile in registers) and the lazy batch update ``W[:, i2:] -= Err @ U[i1:i2, i2:]`` as one
-in-place ``addmm_`` (cuBLAS SGEMM: the O(rows * in^2) bulk of the work, already at GEMM speed; ``addmm_``
-writes into the strided column slice without the temporary product and extra subtraction pass of
-``-= a @ b``). The unstructured block threshold is ``kth_smallest`` of the block's saliencies (a device-wide
-radix select of the value the reference's full sort puts at index ``int(numel * sparsity)``), the comparison
-``saliency <= threshold`` a torch elementwise op. The block kernel reproduces the torch loop's
-roundings op by op (IEEE divisions, no FMA contraction); the paths can differ only by the rounding of the lazy
-GEMM (one ``addmm_`` vs a product then a subtraction): bit-identical on the CPU, ~1 fp32 ulp at worst.
-
-The factorisation can be shared: Linears that read the same input (q/k/v, gate/up) have the same Hessian, so
-:func:`sparsegpt_inverse_hessian` can be called once per group and its result passed as ``hinv=``.
+remaining columns, ``U`` the upper Cholesky factor of ``(H + damp I)^-1``. Unstructured masks: one threshold per
+block over ``w^2 / U_jj^2``; N:M masks: every ``m`` columns, from the updated weights. Work is in fp32, written
+back into ``weight`` in its own dtype. ``backend="torch"`` is the published column loop; ``"triton"`` one kernel
+per block (``wanda_kernels.sparsegpt_block_``) plus one in-place GEMM: equal within fp32 rounding.
+Differences from the published code, the backends, the Hessian and factor arithmetic: docs/sparsegpt.md.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import NamedTuple
@@ -88,43 +58,36 @@ def accumulate_hessian_(hessian: torch.Tensor, x: torch.Tensor, n_seen: int) -> 
     return total
 
 
-_MM_OUT_DTYPE = {"works": None}  # torch.mm(..., out_dtype=) (CUDA, torch >= 2.8): probed on first use
+@functools.cache
+def _tensor_core_gram_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch and GPU run ``torch.mm(..., out_dtype=torch.float32)`` on ``dtype`` inputs (torch >= 2.8):
+    a property of the installation, probed once per device and dtype on a tiny product."""
+    probe = torch.ones(16, 16, dtype=dtype, device=device)
+    try:
+        torch.mm(probe, probe, out_dtype=torch.float32)
+    except torch.OutOfMemoryError:
+        raise  # a RuntimeError too, but no answer: not cached, asked again next time
+    except (TypeError, RuntimeError, NotImplementedError) as err:
+        logger.info("Hessian: no fp16-in/fp32-out GEMM here (%s); using fp32 SGEMM", str(err).splitlines()[0])
+        return False
+    return True
 
 
 def _gram_on_tensor_cores(x2d: torch.Tensor) -> torch.Tensor | None:
-    """``X^T X`` in fp32 straight from fp16/bf16 activations on CUDA, or None where that is not available.
-
-    The reference casts the activations to fp32 and runs an SGEMM, on CUDA cores: for OPT-1.3B that is
-    128 x 2048 tokens x 8192^2 x 2 = 35 TFLOP per fc2 Hessian and about 1 PFLOP per model: by arithmetic
-    (not measured) ~18 s at the ~55 TFLOP/s an H100 gives fp32 GEMMs, above the whole 12 s target. Products
-    of fp16 or bf16 numbers are exact in fp32, and cuBLAS accumulates them in fp32 with an fp32 output
-    (``mm(..., out_dtype=torch.float32)``), so this is the same fp32 sum in another order, at tensor-core
-    speed and without the fp32 copy of the activations."""
-    half_precision = x2d.dtype in (torch.float16, torch.bfloat16)
-    if x2d.device.type != "cuda" or not half_precision or _MM_OUT_DTYPE["works"] is False:
+    """``X^T X`` in fp32 straight from fp16/bf16 activations on CUDA (tensor cores, fp32 accumulation and output:
+    the same fp32 sum as the reference's SGEMM in another order), or None where that is not available.
+    Why it matters for the pruning time: docs/sparsegpt.md."""
+    if x2d.device.type != "cuda" or x2d.dtype not in (torch.float16, torch.bfloat16):
         return None
-    try:
-        gram = torch.mm(x2d.T, x2d, out_dtype=torch.float32)
-    except torch.OutOfMemoryError:
-        raise  # a RuntimeError too, but not a missing feature: the caller retries with a smaller batch
-    except (TypeError, RuntimeError, NotImplementedError) as err:  # torch < 2.8, or no such cuBLAS path
-        logger.info("Hessian: no fp16-in/fp32-out GEMM here (%s); using fp32 SGEMM", str(err).splitlines()[0])
-        _MM_OUT_DTYPE["works"] = False
+    if not _tensor_core_gram_supported(x2d.device, x2d.dtype):
         return None
-    _MM_OUT_DTYPE["works"] = True
-    return gram
+    return torch.mm(x2d.T, x2d, out_dtype=torch.float32)
 
 
 def _upper_cholesky_of_inverse(hessian: torch.Tensor) -> torch.Tensor:
     """``U`` upper with ``U^T U = H^-1``: the factor the reference gets from cholesky -> cholesky_inverse ->
-    cholesky(upper=True), here from one Cholesky and one triangular inverse.
-
-    With ``P`` the reversal permutation and ``P H P = L L^T``: ``H^-1 = (P L^-T P)(P L^-1 P)``, and
-    ``P L^-1 P`` is upper triangular with a positive diagonal, so it is that (unique) factor. That is
-    ~4/3 C^3 flops instead of ~7/3 C^3 or more (a second Cholesky and an inverse from the first), which
-    matters for the widest inputs (C = 16384 for OPT-6.7B's fc2). Against an fp64 factorisation it is as
-    accurate as the reference's chain (relative error 5e-8 vs 7e-8 for C = 512..2048, cond ~1e3; measured
-    2026-11-28 on CPU, torch 2.13)."""
+    cholesky(upper=True), here from one Cholesky of the reversed ``H`` and one triangular inverse.
+    Derivation, flops and accuracy: docs/sparsegpt.md."""
     lower = torch.linalg.cholesky(hessian.flip(0, 1))
     identity = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     return torch.linalg.solve_triangular(lower, identity, upper=False).flip(0, 1)

@@ -3,7 +3,6 @@
 ``act_sq_norms[j]`` is the sum over calibration tokens of ``x_j ** 2`` (``accumulate_sq_norms_``). The
 reference keeps a running *mean* over sequences (``scaler_row``); the two differ by one positive factor per
 matrix, so every per-row ranking, hence every mask, is the same.
-
 * Default: the ``int(C * sparsity)`` smallest scores of each row (stable ties), or N:M over column groups:
   ``wanda_prune_`` in ``wanda_kernels``.
 * ``use_variant=True``: the paper's variant (``args.use_variant`` in ``prune_wanda``). Each row prunes its

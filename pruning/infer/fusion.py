@@ -1,27 +1,15 @@
-"""Fewer, larger kernels per decoder layer, for inference: the same outputs from fewer launches.
+"""Fewer, larger kernels per decoder layer for inference: the same outputs from fewer launches.
 
-* :func:`fuse_small_ops_`: one kernel for each RMSNorm (with the residual sum before it, after attention),
-  each rotary embedding and each MLP activation ``silu(gate) * up`` (LLaMA family).
-* :func:`fuse_projections_`: the Linears that read the same input (q/k/v; LLaMA's gate/up) run as one.
-
-At decode sizes the Linears read their weights at memory speed and everything else is launch-bound: in
-transformers' LLaMA layer an RMSNorm is six elementwise kernels and the rotary embedding ten, against seven
-Linears. Inside a CUDA graph each still costs a few microseconds of GPU time, paid equally by a dense and a
-2:4 model, so they shrink the measured sparse speed-up. :func:`fuse_small_ops_` swaps in one kernel for each
-(``wanda_kernels.rmsnorm``, ``wanda_kernels.rope``). The results are the same: the rotary kernel is
-bit-identical to torch's expression, the norm within 1 ulp of the input dtype (the order of the fp32 sum).
-
-OPT layers have nothing of the kind to fuse (``nn.LayerNorm`` is one kernel already).
-
-Fusing the projections turns three GEMVs (decode) or GEMMs (prefill) into one with three times the rows:
-two launches fewer per layer, more programs to fill the GPU on narrow layers at decode, and at prefill a
-2:4 GEMM of FFN-like proportions instead of square ones (which gain least from cuSPARSELt). Works for dense
-Linears and for :class:`pruning.sparse24.Sparse24Linear` (row-wise format: the packed rows stack). Inference
-only: a fused model is not saved (``pruning.outputs`` refuses it).
+* :func:`fuse_small_ops_` (LLaMA family): one kernel for each RMSNorm (with the residual sum after attention),
+  each rotary embedding and each MLP activation ``silu(gate) * up``; the norm within 1 ulp, the rest exact.
+* :func:`fuse_projections_`: the Linears that read one input (q/k/v; LLaMA's gate/up) run as one product,
+  dense or :class:`pruning.infer.Sparse24Linear`. A fused model is for inference only: it cannot be saved.
+``backend`` follows ``wanda_kernels.policy``. Why each fusion pays at decode sizes: docs/inference.md.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import sys
 import weakref
@@ -29,26 +17,23 @@ import weakref
 import torch
 from torch import nn
 
-from wanda_kernels._runtime import interpreting
-
-
-def _kernels_run_on(t: torch.Tensor) -> bool:
-    return t.is_cuda or (t.device.type == "cpu" and interpreting())
+from wanda_kernels.policy import BACKENDS, use_kernel
 
 
 class FusedRMSNorm(nn.Module):
     """transformers' ``LlamaRMSNorm`` as one kernel where Triton runs; the torch formula elsewhere."""
 
-    def __init__(self, weight: nn.Parameter, eps: float):
+    def __init__(self, weight: nn.Parameter, eps: float, backend: str = "auto"):
         super().__init__()
         self.weight = weight
         self.variance_epsilon = eps
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from wanda_kernels.reference import rms_norm_torch
         from wanda_kernels.rmsnorm import rms_norm
 
-        op = rms_norm if _kernels_run_on(x) and self.weight.device == x.device else rms_norm_torch
+        op = rms_norm if self.weight.device == x.device and use_kernel(self.backend, x) else rms_norm_torch
         return op(x, self.weight, self.variance_epsilon)
 
     def add_and_norm(self, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,17 +41,17 @@ class FusedRMSNorm(nn.Module):
         from wanda_kernels.reference import add_rms_norm_torch
         from wanda_kernels.rmsnorm import add_rms_norm
 
-        fits = _kernels_run_on(residual) and self.weight.device == residual.device and delta.dtype == residual.dtype
-        op = add_rms_norm if fits and delta.shape == residual.shape else add_rms_norm_torch
+        fits = self.weight.device == residual.device and delta.dtype == residual.dtype and delta.shape == residual.shape
+        op = add_rms_norm if fits and use_kernel(self.backend, residual) else add_rms_norm_torch
         return op(residual, delta, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, fused"
 
 
-def fused_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, *, fallback):
+def fused_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, *, fallback, backend: str = "auto"):
     """``apply_rotary_pos_emb`` through one kernel; ``fallback`` (the model's own function) for what the kernel
-    does not cover: another head layout, mixed dtypes, or tensors where Triton does not run."""
+    does not cover: another head layout, mixed dtypes, or tensors where the backend runs the reference."""
     from wanda_kernels.rope import rotary
 
     covered = (
@@ -74,34 +59,55 @@ def fused_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, *, fallback):
         and cos.shape == sin.shape and cos.shape[0] in (1, q.shape[0]) and cos.shape[1:] == q.shape[2:]
         and k.shape[0] == q.shape[0] and k.shape[2:] == q.shape[2:] and q.shape[-1] % 2 == 0
         and q.dtype == k.dtype == cos.dtype == sin.dtype
-        and _kernels_run_on(q) and q.device == k.device == cos.device == sin.device
+        and q.device == k.device == cos.device == sin.device and use_kernel(backend, q)
     )  # fmt: skip
     if not covered:
         return fallback(q, k, cos, sin, unsqueeze_dim)
     return rotary(q, k, cos, sin)
 
 
-def _fused_rotary_forward(forward, modeling_name: str, *args, **kwargs):
-    """``forward`` with its modeling module's ``apply_rotary_pos_emb`` (a module global the attention calls)
-    pointing at the fused kernel for the duration of the call: only this model's attention is affected. Bound
-    with functools.partial, so that a deep copy of the model calls the copy's own forward."""
-    modeling = sys.modules[modeling_name]
-    original = modeling.apply_rotary_pos_emb
-    modeling.apply_rotary_pos_emb = functools.partial(fused_apply_rotary_pos_emb, fallback=original)
+# The backend of the fused attention running in this thread (or task), None outside one.
+_FUSED_ROTARY_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("fused_rotary", default=None)
+
+
+def _rotary_dispatch(original, *args, **kwargs):
+    """Stands, once and for good, for a modeling module's ``apply_rotary_pos_emb``: the model's own function,
+    except inside the forward of an attention that :func:`fuse_small_ops_` fused (a context variable, so other
+    threads and unfused models are never affected)."""
+    backend = _FUSED_ROTARY_BACKEND.get()
+    if backend is None:
+        return original(*args, **kwargs)
+    return fused_apply_rotary_pos_emb(*args, fallback=original, backend=backend, **kwargs)
+
+
+def _install_rotary_dispatch(modeling) -> None:
+    current = modeling.apply_rotary_pos_emb
+    if not (isinstance(current, functools.partial) and current.func is _rotary_dispatch):
+        modeling.apply_rotary_pos_emb = functools.partial(_rotary_dispatch, current)
+
+
+def _fused_rotary_forward(forward, backend: str, *args, **kwargs):
+    """``forward`` with the fused rotary embedding. Bound with functools.partial, so that a deep copy of the
+    model calls the copy's own forward."""
+    token = _FUSED_ROTARY_BACKEND.set(backend)
     try:
         return forward(*args, **kwargs)
     finally:
-        modeling.apply_rotary_pos_emb = original
+        _FUSED_ROTARY_BACKEND.reset(token)
 
 
-def fuse_small_ops_(model: nn.Module) -> dict[str, int]:
+def fuse_small_ops_(model: nn.Module, backend: str = "auto") -> dict[str, int]:
     """In place, for LLaMA-family models: each RMSNorm becomes a :class:`FusedRMSNorm` (sharing its weight),
     each attention applies the rotary embedding with one kernel, and each MLP its ``silu(gate) * up``. Returns
     how many of each the model now runs fused (zeros for models without them, e.g. OPT). Idempotent. Other
     architectures are refused: the swap finds its targets by name, and a norm or rotary function of the same
-    name can compute something else (Gemma's 1 + weight scale, interleaved or partial rotary embeddings)."""
+    name can compute something else (Gemma's 1 + weight scale, interleaved or partial rotary embeddings).
+    ``backend``: ``wanda_kernels.policy``'s, decided per call from the tensors' device."""
     from pruning.adapters import get_adapter
     from pruning.adapters.llama import LLAMA
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
     counts = {"rms_norm": 0, "rotary": 0, "silu_mul": 0, "add_rms_norm": 0}
     if get_adapter(model) is not LLAMA:  # raises for an unsupported architecture
@@ -111,19 +117,20 @@ def fuse_small_ops_(model: nn.Module) -> dict[str, int]:
             if isinstance(child, FusedRMSNorm):
                 counts["rms_norm"] += 1
             elif type(child).__name__.endswith("RMSNorm") and hasattr(child, "variance_epsilon"):
-                setattr(parent, name, FusedRMSNorm(child.weight, child.variance_epsilon))
+                setattr(parent, name, FusedRMSNorm(child.weight, child.variance_epsilon, backend))
                 counts["rms_norm"] += 1
     for module in model.modules():
         modeling = sys.modules.get(type(module).__module__)
         is_attention = hasattr(module, "q_proj") and hasattr(module, "k_proj")
         if is_attention and hasattr(modeling, "apply_rotary_pos_emb"):
+            _install_rotary_dispatch(modeling)
             forward = module.forward
             if not (isinstance(forward, functools.partial) and forward.func is _fused_rotary_forward):
-                module.forward = functools.partial(_fused_rotary_forward, forward, modeling.__name__)
+                module.forward = functools.partial(_fused_rotary_forward, forward, backend)
             counts["rotary"] += 1
         if _is_silu_gated_mlp(module):
             if not isinstance(module.forward, functools.partial):
-                module.forward = functools.partial(_gated_mlp_forward, module)
+                module.forward = functools.partial(_gated_mlp_forward, module, backend)
             counts["silu_mul"] += 1
     for layer in LLAMA.layers(model):
         norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
@@ -153,13 +160,14 @@ def _is_silu_gated_mlp(module: nn.Module) -> bool:
     return is_silu and all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj"))
 
 
-def _gated_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _gated_mlp_forward(mlp: nn.Module, backend: str, x: torch.Tensor) -> torch.Tensor:
     """The MLP with ``silu(gate) * up`` as one kernel (two in torch)."""
     from wanda_kernels.reference import silu_mul_torch
     from wanda_kernels.silu_mul import silu_mul
 
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-    op = silu_mul if _kernels_run_on(gate) and gate.dtype == up.dtype and gate.shape == up.shape else silu_mul_torch
+    fits = gate.dtype == up.dtype and gate.shape == up.shape
+    op = silu_mul if fits and use_kernel(backend, gate) else silu_mul_torch
     return mlp.down_proj(op(gate, up))
 
 
@@ -209,7 +217,7 @@ class ProjectionSlice(nn.Module):
 
 
 def _concat_linears(modules: list[nn.Module]) -> nn.Module | None:
-    from pruning.sparse24 import Sparse24Linear
+    from pruning.infer.sparse_linear import Sparse24Linear
 
     first = modules[0]
     if any(type(m) is not type(first) for m in modules):
@@ -265,6 +273,6 @@ def check_not_fused(model: nn.Module) -> None:
     """Refuse to save a model whose projections share fused weights (safetensors cannot hold the views)."""
     if has_fused_projections(model):
         raise ValueError(
-            "this model's projections are fused for inference (pruning.fusion.fuse_projections_); "
+            "this model's projections are fused for inference (pruning.infer.fuse_projections_); "
             "save it before fusing, or reload it"
         )

@@ -83,12 +83,7 @@ def _sliding_window_shorter_than(config, seqlen: int) -> int | None:
 @contextlib.contextmanager
 def _maskless_causal_sdpa(model: nn.Module, seqlen: int):
     """Within this block an SDPA model runs its attention as ``is_causal=True`` with no mask tensor, so SDPA may
-    pick its flash kernel, inside a CUDA graph too.
-
-    transformers builds no mask for an attention implementation that has no registered mask function, and its
-    SDPA integration then sets ``is_causal`` for queries longer than one token. Under plain ``"sdpa"`` it skips
-    the mask only after checking the mask's values on the host (a sync), and during stream capture it cannot
-    check, so it materializes a [B, 1, T, T] mask: the graphed prefill would run the slower masked kernel.
+    pick its flash kernel, inside a CUDA graph too (why plain ``"sdpa"`` would not: docs/inference.md).
     Right only for what PrefillRunner feeds: no cache, no padding, every sequence starting at position 0, and no
     sliding window shorter than the sequence (plain causal attention would see past it)."""
     config = model.config
@@ -138,10 +133,13 @@ class GreedyDecoder:
     """Greedy decoding with a static KV cache of ``max_len`` positions. The prompt is prefilled eagerly;
     every later one-token step is one CUDA-graph replay (on CPU: the same step, eagerly)."""
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, use_graph: bool | None = None):
+    def __init__(
+        self, model: nn.Module, batch: int, max_len: int, use_graph: bool | None = None, backend: str = "auto"
+    ):
         from transformers import StaticCache
 
         self.model = model
+        self.backend = backend  # the cache-write kernel or its reference (wanda_kernels.policy)
         device = _device(model)
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
         self.batch, self.max_len = batch, max_len
@@ -152,13 +150,11 @@ class GreedyDecoder:
         self.cache_kwarg = _cache_kwarg(model)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
-        # Every slot of the static cache is "not padding"; causality (cache_position) hides the unwritten ones.
-        # Passing it keeps the step free of host syncs: without a mask, OPT sizes one from the cache's
-        # seen-token count, a device tensor read back with .item(), which a CUDA graph cannot capture.
+        # Every slot is "not padding" (causality hides the unwritten ones); passing a mask keeps the step free of
+        # host syncs (without one, OPT sizes one with .item()). Why: docs/inference.md.
         self.attention_mask = torch.ones(batch, cache_len, dtype=torch.long, device=device)
-        # Decode steps pass their own additive [1, 1, 1, slots] mask instead: transformers takes a 4-D mask as
-        # given (no mask building per step), and SDPA adds it as is, where it converts a boolean mask to an
-        # additive one in every layer.
+        # Decode steps pass their own additive [1, 1, 1, slots] mask instead: neither transformers nor SDPA then
+        # builds or converts a mask per step (docs/inference.md).
         dtype = model.get_input_embeddings().weight.dtype
         self.slots = torch.arange(cache_len, device=device)
         self.mask_open = torch.zeros((), dtype=dtype, device=device)
@@ -173,12 +169,12 @@ class GreedyDecoder:
         five, at its own device-side counter."""
         from transformers.cache_utils import StaticLayer
 
-        from wanda_kernels._runtime import interpreting
         from wanda_kernels.kv_cache import write_kv_cache_
+        from wanda_kernels.policy import use_kernel
         from wanda_kernels.reference import write_kv_cache_torch
 
         # Chosen once, not on every layer's call: the device does not change.
-        on_kernels = self.position.is_cuda or interpreting()
+        on_kernels = use_kernel(self.backend, self.position)
         self._write_kv_cache = write_kv_cache_ if on_kernels else write_kv_cache_torch
         for layer in self.cache.layers:
             if type(layer) is StaticLayer:

@@ -154,7 +154,7 @@ def save_model_atomically(model, tokenizer, target: Path, overwrite: bool, save_
     """Write into a temporary sibling directory, then rename: a crash never leaves a half-written model,
     and an existing directory is only replaced (with --overwrite) once the new one is complete.
     ``save_format="sparse24"`` stores the decoder Linears 2:4-compressed (``pruning.sparse24``)."""
-    from pruning.fusion import check_not_fused
+    from pruning.infer.fusion import check_not_fused
 
     check_not_fused(model)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))

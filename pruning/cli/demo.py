@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 RUNS = [("wanda", "unstructured"), ("wanda", "2:4"), ("magnitude", "unstructured"), ("sparsegpt", "unstructured")]
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ def build_tiny_opt(directory: Path, seed: int = 0) -> Path:
 
 
 def run_demo(argv: list[str]) -> int:
-    from pruning.cli import build_parser, run_prune
+    from pruning.cli.parser import build_parser
+    from pruning.cli.prune import run_prune
 
     if argv in (["-h"], ["--help"]):
         print("usage: wanda-prune demo\n\nPrune a tiny random-weight OPT built offline with every method, end to end "

@@ -12,7 +12,7 @@ from torch import nn
 
 def run_check(argv: list[str]) -> int:
     from pruning.adapters import get_adapter
-    from pruning.cli import ArgumentParser
+    from pruning.cli.parser import ArgumentParser
     from pruning.loading import load_config, load_model, load_tokenizer
 
     parser = ArgumentParser(prog="wanda-prune check", description=__doc__.splitlines()[0])

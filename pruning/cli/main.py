@@ -1,0 +1,73 @@
+"""``wanda-prune`` / ``python -m pruning``: dispatch to prune, ``check`` or ``demo``, and the error contract.
+
+    wanda-prune --model facebook/opt-125m --prune_method wanda --sparsity_ratio 0.5 --sparsity_type 2:4 --save out/
+    wanda-prune check MODEL      # before a long job: load, show layers and shapes, generate, validate weights
+    wanda-prune demo             # the embedded default: no network, a tiny random OPT (also: no arguments)
+
+Bad input prints one line, ``error: ...``, and exits 2 (WANDA_DEBUG=1 shows the traceback); Ctrl-C exits
+130 and SIGTERM 143, after the same clean-up (a model being saved is never left half-written).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import NoReturn
+
+from pruning.cli.parser import build_parser, first_line
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's time limit, ``timeout``, ``kill``), raised like Ctrl-C so that the same
+    clean-up runs: a model being saved is removed from its staging directory, not left half-written."""
+
+
+def _raise_terminated(_signum, _frame) -> NoReturn:
+    raise Terminated
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    if in_main_thread:
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(argv)
+    finally:
+        if in_main_thread:  # None: a handler not set from Python; the default is the closest to it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_sigterm is None else previous_sigterm)
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        if not argv or argv[0] == "demo":
+            from pruning.cli.demo import run_demo
+
+            return run_demo(argv[1:])
+        if argv[0] == "check":
+            from pruning.cli.check import run_check
+
+            return run_check(argv[1:])
+        from pruning.cli.prune import run_prune
+
+        run_prune(build_parser().parse_args(argv))
+        return 0
+    except (ValueError, OSError, ImportError) as err:
+        if os.environ.get("WANDA_DEBUG"):
+            raise
+        print(f"error: {first_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as interrupt:
+        if os.environ.get("WANDA_DEBUG"):
+            raise
+        terminated = isinstance(interrupt, Terminated)
+        print(f"error: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

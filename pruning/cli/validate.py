@@ -1,0 +1,159 @@
+"""The prune command's flags, checked before anything loads: values, optional dependencies, data and output paths.
+
+:func:`validate_args` returns the :class:`pruning.config.PruneConfig`; every error is one line naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from pruning.config import PruneConfig
+
+
+def data_source(source: str) -> str:
+    """A hub dataset name as is; a local path with ``~`` expanded."""
+    from pruning.data import HUB_SOURCES
+
+    return source if source in HUB_SOURCES else os.path.expanduser(source)
+
+
+def _check_data_source(flag: str, source: str) -> None:
+    from pruning.data import HUB_SOURCES
+
+    if source in HUB_SOURCES or Path(source).exists():
+        return
+    raise ValueError(
+        f"{flag} {source!r}: no such file or directory; use {' or '.join(HUB_SOURCES)}, "
+        "or a local text/.json/.jsonl file or a directory of them"
+    )
+
+
+def _same_or_inside(path: Path, directory: Path) -> bool:
+    path, directory = path.resolve(), directory.resolve()
+    return path == directory or directory in path.parents
+
+
+def _check_output_paths(args: argparse.Namespace) -> None:
+    """--save_model replaces its directory (with --overwrite): never the model itself, nor --save's files."""
+    if not args.save_model:
+        return
+    save_model = Path(args.save_model).expanduser()
+    model_dir = Path(args.model).expanduser()
+    if model_dir.exists() and _same_or_inside(model_dir, save_model):
+        raise ValueError(
+            f"--save_model {args.save_model!r} would replace the model being pruned ({args.model!r}); "
+            "choose another directory"
+        )
+    if args.save and _same_or_inside(Path(args.save).expanduser(), save_model):
+        raise ValueError(
+            f"--save {args.save!r} is inside --save_model {args.save_model!r}, which the saved model replaces; "
+            "use separate directories"
+        )
+    for flag, source in (("--calib_dataset", args.calib_dataset), ("--eval_dataset", args.eval_dataset)):
+        path = Path(data_source(source))
+        if path.exists() and _same_or_inside(path, save_model):
+            raise ValueError(
+                f"{flag} {source!r} is inside --save_model {args.save_model!r}, which the saved model replaces; "
+                "keep the data elsewhere"
+            )
+
+
+def validate_args(args: argparse.Namespace) -> PruneConfig:
+    """Everything checkable before a weight is loaded; returns the pruning config.
+
+    Runs first so that a mistake costs seconds, not a pruning job: flag values, optional dependencies
+    (lm-eval for --eval_zero_shot), local data paths, and output directories (created and write-tested).
+    """
+    if not 0.0 <= args.sparsity_ratio < 1.0:
+        raise ValueError(
+            f"--sparsity_ratio must be in [0, 1), e.g. 0.5 to prune half the weights; got {args.sparsity_ratio}"
+        )
+    if args.nsamples <= 0:
+        raise ValueError(
+            f"--nsamples must be a positive number of calibration samples (Wanda uses 128), got {args.nsamples}"
+        )
+    if args.seqlen is not None and args.seqlen < 2:
+        raise ValueError(f"--seqlen must be at least 2 tokens (or left out for the model's maximum), got {args.seqlen}")
+    for flag, value in (("--save", args.save), ("--save_model", args.save_model)):
+        if value is not None and not value.strip():
+            raise ValueError(f"{flag} needs a directory, got an empty string (leave the flag out to skip it)")
+    if args.eval_dense and args.eval_dataset.lower() == "none":
+        raise ValueError("--eval_dense measures perplexity on --eval_dataset, which is 'none'; drop one of the two")
+    if args.eval_batch_size <= 0:
+        raise ValueError(f"--eval_batch_size must be positive, got {args.eval_batch_size}")
+    if args.calib_batch_size is not None and args.calib_batch_size <= 0:
+        raise ValueError(
+            f"--calib_batch_size must be positive (or left out to size it from memory), got {args.calib_batch_size}"
+        )
+    from pruning.plan import check_backend
+
+    config = PruneConfig(
+        method=args.prune_method,
+        sparsity_ratio=args.sparsity_ratio,
+        sparsity_type=args.sparsity_type,
+        use_variant=args.use_variant,
+        true_sequential=args.true_sequential,
+        backend=args.backend,
+        calib_batch_size=args.calib_batch_size,
+    )
+    check_backend(config)
+    if args.eval_zero_shot:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "--eval_zero_shot needs lm-eval, which is not installed: pip install -e '.[eval]' "
+                "(or run without --eval_zero_shot)"
+            ) from None
+        _check_zero_shot_tasks(args.zero_shot_tasks, args.zero_shot_include_path)
+    if config.needs_calibration:
+        _check_data_source("--calib_dataset", data_source(args.calib_dataset))
+    if args.eval_dataset.lower() != "none":
+        _check_data_source("--eval_dataset", data_source(args.eval_dataset))
+    if args.save_format == "sparse24" and (args.sparsity_type != "2:4" or not args.save_model):
+        raise ValueError(
+            "--save_format sparse24 stores 2:4 weights: use it with --sparsity_type 2:4 --sparsity_ratio 0.5 "
+            "and --save_model DIR"
+        )
+    _check_output_paths(args)
+    if args.save:
+        from pruning.cli.outputs import check_save_dir
+
+        check_save_dir(args.save)
+    if args.save_model:
+        from pruning.cli.outputs import check_save_model_dir
+
+        check_save_model_dir(args.save_model, args.overwrite)
+    return config
+
+
+def _check_zero_shot_tasks(tasks: str, include_path: str | None) -> None:
+    """Resolve the task names now (lm-eval indexes its task YAMLs in a few seconds), not after the pruning."""
+    if include_path and not Path(include_path).expanduser().is_dir():
+        raise ValueError(f"--zero_shot_include_path {include_path!r}: no such directory of lm-eval task YAMLs")
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise ValueError("--zero_shot_tasks is empty; name lm-eval tasks such as boolq,rte")
+    from pruning.evaluate import unknown_zero_shot_tasks
+
+    unknown = unknown_zero_shot_tasks(names, include_path)
+    if unknown:
+        raise ValueError(
+            f"--zero_shot_tasks: lm-eval knows no task {', '.join(map(repr, unknown))}; check the names "
+            "(`lm-eval ls tasks`) or add their YAMLs with --zero_shot_include_path"
+        )
+
+
+def resolve_seqlen(requested: int | None, model_config) -> int:
+    max_positions = getattr(model_config, "max_position_embeddings", None) or 2048
+    if requested is None:
+        # The reference uses max_position_embeddings uncapped: 131072 for Llama-3, a 128 GiB allocation.
+        return min(max_positions, 4096)
+    if requested > max_positions:
+        raise ValueError(
+            f"--seqlen {requested} exceeds the model's max_position_embeddings ({max_positions}); "
+            f"use --seqlen {max_positions} or less"
+        )
+    return requested

@@ -1,0 +1,132 @@
+"""Every up-front check of a pruning run, made once, before any weight changes.
+
+:func:`check_config` needs only the configs (run it before loading a model): the backend can run in this
+process, and the model's layers share one attention mask. :func:`plan` needs the loaded model: where each
+layer runs, N:M group widths, the calibration ids, and the calibration batch size. ``prune_model`` makes a
+plan unless it is handed one; the CLI makes it right after loading, so a mistake costs seconds, not a job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pruning.adapters import DecoderAdapter, check_one_mask_for_every_layer, get_adapter
+from pruning.config import PruneConfig
+from pruning.errors import OptionError
+from pruning.placement import check_layers_placeable, compute_device_for, module_device
+from wanda_kernels.policy import resolve_backend
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """What a checked run will do: the layers and where they run, the kernels, the calibration batches."""
+
+    config: PruneConfig
+    adapter: DecoderAdapter
+    layers: nn.ModuleList
+    device: torch.device  # where decoder layer 0 runs
+    backend: str  # "triton" or "torch", resolved for ``device``
+    nsamples: int
+    seqlen: int
+    batch_size: int  # calibration samples per forward (0 when nothing is calibrated)
+    streamed: bool  # the model in CPU RAM, one layer at a time on the GPU
+
+
+def _backend_for(backend: str, device: torch.device) -> str:
+    try:
+        return resolve_backend(backend, device)
+    except ValueError:
+        raise OptionError(
+            "{backend} triton needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU); use {backend} torch"
+        ) from None
+
+
+def check_backend(config: PruneConfig) -> None:
+    """The kernels asked for can run in this process (no model needed)."""
+    _backend_for(config.backend, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def check_model_config(config: PruneConfig, model_config) -> None:
+    """What the model's config alone decides: pruning runs every layer with layer 0's attention mask."""
+    if config.sparsity_ratio > 0:
+        check_one_mask_for_every_layer(model_config)
+
+
+def check_config(config: PruneConfig, model_config) -> None:
+    """The checks that need no weights: run before loading a model."""
+    check_backend(config)
+    check_model_config(config, model_config)
+
+
+def plan(
+    model: nn.Module, config: PruneConfig, calibration_ids: torch.Tensor | None, config_checked: bool = False
+) -> PrunePlan:
+    """Check that ``model`` can be pruned as ``config`` says from ``calibration_ids`` and size the work.
+    ``config_checked``: :func:`check_config` already ran for this config (the CLI runs it before loading)."""
+    if not config_checked:
+        check_config(config, model.config)
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    if config.sparsity_ratio > 0:  # before any layer is pruned (ratio 0 prunes nothing and needs no placement)
+        check_layers_placeable(layers)
+    device = compute_device_for(layers[0])
+    backend = _backend_for(config.backend, device)
+    check_nm_divisibility(layers, config)
+    needs_data = config.needs_calibration
+    nsamples, seqlen = validate_calibration_ids(calibration_ids, model) if needs_data else (0, 0)
+    batch_size = config.calib_batch_size or (
+        auto_batch_size(model, adapter, nsamples, seqlen, device) if needs_data else 0
+    )
+    streamed = module_device(layers[0]).type == "cpu" and device.type == "cuda"
+    return PrunePlan(config, adapter, layers, device, backend, nsamples, seqlen, batch_size, streamed)
+
+
+def validate_calibration_ids(calibration_ids: torch.Tensor | None, model: nn.Module) -> tuple[int, int]:
+    """(nsamples, seqlen) of a [nsamples, seqlen] tensor of token ids, or a ValueError saying what is wrong."""
+    if not isinstance(calibration_ids, torch.Tensor) or calibration_ids.ndim != 2:
+        got = tuple(calibration_ids.shape) if isinstance(calibration_ids, torch.Tensor) else calibration_ids
+        raise ValueError(
+            f"calibration_ids must be a LongTensor [nsamples, seqlen] of token ids (see "
+            f"pruning.data.get_calibration_ids), got {got!r}"
+        )
+    if calibration_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"calibration_ids must hold token ids (int64), got {calibration_ids.dtype}")
+    nsamples, seqlen = calibration_ids.shape
+    if nsamples <= 0 or seqlen <= 0:
+        raise ValueError(f"calibration_ids is empty: shape {tuple(calibration_ids.shape)}")
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and seqlen > max_positions:
+        raise ValueError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {max_positions}")
+    return nsamples, seqlen
+
+
+def check_nm_divisibility(layers: nn.ModuleList, config: PruneConfig) -> None:
+    """N:M groups run along in_features: refuse up front (not after hours of pruning) when one does not divide."""
+    n, m = config.nm
+    if not m:
+        return
+    bad = sorted(
+        {f"{name} (in_features {mod.in_features})" for layer in layers for name, mod in layer.named_modules()
+         if isinstance(mod, nn.Linear) and mod.in_features % m}
+    )  # fmt: skip
+    if bad:
+        raise ValueError(f"{config.sparsity_type} needs in_features divisible by {m}; not so for {', '.join(bad)}")
+
+
+def auto_batch_size(model: nn.Module, adapter: DecoderAdapter, nsamples: int, seqlen: int, device: torch.device) -> int:
+    """Calibration samples per layer forward, from a budget of a quarter of the free GPU memory."""
+    if device.type != "cuda":
+        return min(nsamples, 8)
+    layer = adapter.layers(model)[0]
+    widths = [m.out_features for m in layer.modules() if isinstance(m, nn.Linear)]
+    hidden = model.config.hidden_size
+    elem = next(model.parameters()).element_size()
+    heads = getattr(model.config, "num_attention_heads", 1)
+    # Live activations of one sample through a layer: residual + q/k/v/attn + MLP intermediates, plus
+    # a [heads, T, T] score matrix in case attention falls back to the math path.
+    per_sample = seqlen * (8 * hidden + 3 * max(widths)) * elem + heads * seqlen * seqlen * elem
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(nsamples, 64, (free // 4) // per_sample)))

@@ -1,0 +1,97 @@
+"""pruning.plan: every up-front check once per run, whoever runs it (prune_model or the CLI)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import OPTConfig, OPTForCausalLM
+
+import pruning
+from pruning import plan as plan_module
+from pruning.cli import main
+from pruning.cli.demo import ASSETS
+from pruning.config import PruneConfig
+from pruning.tokenizers import byte_level_tokenizer
+
+
+def tiny_opt() -> OPTForCausalLM:
+    torch.manual_seed(0)
+    config = OPTConfig(
+        vocab_size=260, hidden_size=32, word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return OPTForCausalLM(config).eval()
+
+
+def calibration_ids(nsamples: int = 4, seqlen: int = 16) -> torch.Tensor:
+    return torch.randint(4, 260, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Calls of each up-front check, wherever it is called from."""
+    calls = {"placeable": 0, "one_mask": 0, "backend": 0}
+
+    def counting(name, original):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(
+        plan_module, "check_layers_placeable", counting("placeable", plan_module.check_layers_placeable)
+    )
+    monkeypatch.setattr(
+        plan_module, "check_one_mask_for_every_layer", counting("one_mask", plan_module.check_one_mask_for_every_layer)
+    )
+    monkeypatch.setattr(plan_module, "_backend_for", counting("backend", plan_module._backend_for))
+    return calls
+
+
+def test_prune_model_checks_each_thing_once(counted):
+    pruning.prune_model(tiny_opt(), calibration_ids(), "wanda", 0.5, "2:4")
+    # the backend is checked before loading and resolved for the layers' device after
+    assert counted == {"placeable": 1, "one_mask": 1, "backend": 2}
+
+
+def test_the_cli_checks_each_thing_once(counted, tmp_path):
+    model_dir = tmp_path / "tiny-opt"
+    tiny_opt().save_pretrained(model_dir)
+    byte_level_tokenizer().save_pretrained(model_dir)
+    argv = [
+        "--model", str(model_dir), "--prune_method", "wanda", "--sparsity_ratio", "0.5", "--nsamples", "4",
+        "--seqlen", "16", "--calib_dataset", str(ASSETS / "demo_calibration.txt"), "--eval_dataset", "none",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert counted == {"placeable": 1, "one_mask": 1, "backend": 2}
+
+
+def test_a_plan_is_made_once_and_used_as_made():
+    model, ids = tiny_opt(), calibration_ids(nsamples=6)
+    config = PruneConfig(method="wanda", sparsity_ratio=0.5, calib_batch_size=4)
+    made = plan_module.plan(model, config, ids)
+    assert (made.nsamples, made.seqlen, made.batch_size, made.backend, made.streamed) == (6, 16, 4, "torch", False)
+    report = pruning.prune_model(model, ids, config, plan=made)
+    assert report.calib_batch_size == 4 and abs(report.actual_sparsity - 0.5) < 1e-6
+    with pytest.raises(ValueError, match="another PruneConfig"):
+        pruning.prune_model(tiny_opt(), ids, dataclasses.replace(config, sparsity_ratio=0.25), plan=made)
+
+
+def test_a_config_is_given_one_way():
+    with pytest.raises(TypeError, match="either a PruneConfig or its fields"):
+        pruning.prune_model(tiny_opt(), calibration_ids(), PruneConfig(), calib_batch_size=2)
+    with pytest.raises(TypeError):
+        PruneConfig(offload=True)  # no dead fields: the CLI's --offload is a loading option
+
+
+def test_checks_fail_before_any_weight_changes():
+    model = tiny_opt()
+    model.model.decoder.layers[1].fc2 = torch.nn.Linear(66, 32)  # 66 is no multiple of 4
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="needs in_features divisible by 4"):
+        pruning.prune_model(model, calibration_ids(), "wanda", 0.5, "2:4")
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name  # layer 0 is fine, but nothing was pruned
