@@ -24,7 +24,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "ruff"],
+        "dev": ["pytest", "pytest-benchmark", "ruff", "hypothesis"],
         "eval": ["lm-eval>=0.4"],
     },
     entry_points={"console_scripts": ["wanda-prune = pruning.cli:main"]},

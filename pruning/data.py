@@ -169,6 +169,8 @@ def _local_files(path: Path) -> list[Path]:
         return files
     if path.is_file():
         return [path]
+    if path.exists():  # a device, a FIFO, a socket: nothing to sample from
+        raise DataError(f"{path}: not a regular file or directory; pass a text/.json/.jsonl file or a directory")
     raise DataError(f"{path}: no such file or directory")
 
 

@@ -40,7 +40,7 @@ from pruning.methods import (
     prune_wanda_,
     sparsegpt_inverse_hessian,
 )
-from pruning.placement import activation_store, compute_device_for, on_device
+from pruning.placement import compute_device_for, on_device
 from pruning.plan import PrunePlan
 from pruning.plan import plan as make_plan
 from pruning.sparsity import check_sparsity, linear_zero_counts
@@ -68,6 +68,8 @@ class PruneReport:
     actual_sparsity: float = 0.0
     seconds: float = 0.0
     peak_gpu_memory_bytes: int | None = None
+    estimated_host_bytes: int = 0  # beyond the loaded model (pruning.plan.estimate_memory)
+    estimated_device_bytes: int = 0
     layers: list[LayerReport] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -242,7 +244,7 @@ def prune_model(
         raise ValueError("plan was made for another PruneConfig than the one given")
     report = PruneReport(
         config.method, config.sparsity_type, config.sparsity_ratio, plan.backend, plan.nsamples, plan.seqlen,
-        plan.batch_size, plan.streamed,
+        plan.batch_size, plan.streamed, estimated_host_bytes=plan.host_bytes, estimated_device_bytes=plan.device_bytes,
     )  # fmt: skip
     if plan.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(plan.device)
@@ -266,9 +268,7 @@ def _prune_layers(model: nn.Module, plan: PrunePlan, calibration_ids, report: Pr
     inputs = None
     store = None
     if config.method != "magnitude":
-        device = compute_device_for(layers[0])
-        hidden_bytes = calibration_ids.numel() * model.config.hidden_size * next(model.parameters()).element_size()
-        store = activation_store(hidden_bytes, device)
+        store = plan.store
         inputs = capture_layer_inputs(model, adapter, calibration_ids, plan.batch_size, store)
     zeros = total = 0
     for index, layer in enumerate(tqdm(layers, desc=f"{config.method} {config.sparsity_type}", unit="layer")):

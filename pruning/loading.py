@@ -7,6 +7,7 @@ minutes of HTTP retries.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -24,15 +25,32 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 def _looks_like_path(name: str) -> bool:
     # Hub ids look like "org/name"; anything anchored, deeper, or existing on disk is a path.
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return True
+    return Path(name).exists()
 
 
 def _source(name: str) -> tuple[str, dict]:
     """The name to pass to ``from_pretrained`` (a path with ``~`` expanded) and ``local_files_only`` if needed."""
-    path = Path(name).expanduser()
+    try:
+        path = Path(name).expanduser()
+    except RuntimeError as err:  # ~user of no such user
+        raise ValueError(f"cannot load model {name!r}: {err}; write the path out in full") from None
     if _looks_like_path(name):
+        if path.is_file():
+            raise ValueError(
+                f"cannot load model {name!r}: it is a file; pass the directory that holds config.json and the "
+                f"weights ({str(path.parent)!r})"
+            )
         return str(path), {"local_files_only": True}
     return name, ({} if hub.models_available() else {"local_files_only": True})
+
+
+def _damage(err: Exception) -> str:
+    """The line of a loading error that names the tensor (``load_state_dict`` lists them after a header line)."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    return next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))),
+                _first_line(err))  # fmt: skip
 
 
 def _first_line(err: Exception) -> str:
@@ -69,6 +87,13 @@ def _not_found(name: str, cache_dir: str | None, err: Exception, offline: bool) 
     )
 
 
+def _malformed_config(name: str, err: Exception) -> ValueError:
+    return ValueError(
+        f"cannot load model {name!r}: its config.json holds a value of the wrong kind ({type(err).__name__}: "
+        f"{_first_line(err)}); fix config.json or save the model again"
+    )
+
+
 def load_config(name: str, cache_dir: str | None = None):
     """The model's config (cheap: no weights), so an unsupported architecture fails before any download."""
     from transformers import AutoConfig
@@ -78,6 +103,8 @@ def load_config(name: str, cache_dir: str | None = None):
         config = AutoConfig.from_pretrained(source, cache_dir=cache_dir, **kwargs)
     except (OSError, ValueError) as err:
         raise _not_found(name, cache_dir, err, "local_files_only" in kwargs) from None
+    except _config_errors() as err:
+        raise _malformed_config(name, err) from None
     get_adapter(config.model_type)  # raises UnsupportedModelError listing what is supported
     return config
 
@@ -97,6 +124,16 @@ def load_tokenizer(name: str, cache_dir: str | None = None):
     return tokenizer
 
 
+def _config_errors() -> tuple[type[Exception], ...]:
+    """What a config value of the wrong kind raises: transformers 5 validates configs through huggingface_hub's
+    strict dataclasses (an Exception that is no ValueError)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return (TypeError, KeyError, AttributeError)
+    return (TypeError, KeyError, AttributeError, StrictDataclassError)
+
+
 def _safetensors_errors() -> tuple[type[Exception], ...]:
     try:
         from safetensors import SafetensorError
@@ -112,20 +149,76 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _is_sparse24_checkpoint(source: str) -> bool:
-    """A local directory written with ``--save_format sparse24`` (its config names the format)."""
-    import json
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
 
+
+def _tensor_dtypes(directory: Path) -> dict[str, str]:
+    """{tensor name: safetensors dtype} of a local safetensors checkpoint, from its headers (no weights)."""
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        else:
+            files = ["model.safetensors"] if (directory / "model.safetensors").is_file() else []
+        dtypes = {}
+        for name in files:
+            with safe_open(str(directory / name), "pt") as f:
+                dtypes.update({key: f.get_slice(key).get_dtype() for key in f.keys()})
+        return dtypes
+    except (OSError, ValueError, AttributeError, TypeError, *_safetensors_errors()):
+        return {}  # damaged: from_pretrained names the problem
+
+
+def _check_floating(name: str, dtypes: dict[str, str]) -> None:
+    """transformers would cast integer tensors to the model's dtype without a word: refuse them."""
+    bad = sorted(f"{key} ({dtype})" for key, dtype in dtypes.items() if dtype not in FLOAT_DTYPES)
+    if bad:
+        raise ValueError(
+            f"cannot load model {name!r}: its weights must be floating point, and {len(bad)} tensors are not "
+            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); quantized or altered checkpoints are not "
+            "pruned here: use the floating-point checkpoint"
+        )
+
+
+def _packed_tensors(names: list[str]) -> list[str]:
+    """Modules stored as 2:4 ``values`` + ``meta`` pairs instead of a ``weight``."""
+    present = set(names)
+    return sorted(
+        n.removesuffix(".values") for n in names
+        if n.endswith(".values") and f"{n.removesuffix('.values')}.meta" in present
+        and f"{n.removesuffix('.values')}.weight" not in present
+    )  # fmt: skip
+
+
+def _is_sparse24_checkpoint(name: str, source: str) -> bool:
+    """A local directory written with ``save_format="sparse24"``, recognized by its config's marker and by its
+    tensors: a checkpoint whose tensors are packed but whose marker is gone or altered is refused, since
+    ``from_pretrained`` would initialize every packed Linear at random."""
     from pruning.sparse24 import FORMAT
 
-    config_path = Path(source) / "config.json"
+    directory = Path(source)
+    config_path = directory / "config.json"
     if not config_path.is_file():
         return False
     try:
         spec = json.loads(config_path.read_text()).get("sparsity_config")
-    except (OSError, ValueError):
-        return False
-    return isinstance(spec, dict) and spec.get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False  # from_pretrained names the problem
+    if isinstance(spec, dict) and spec.get("format") == FORMAT:
+        return True
+    dtypes = _tensor_dtypes(directory)
+    packed = _packed_tensors(list(dtypes))
+    if packed:
+        marker = "has no sparsity_config" if spec is None else f"has sparsity_config {repr(spec)[:80]}"
+        raise ValueError(
+            f"cannot load model {name!r}: {len(packed)} modules ({', '.join(packed[:2])}, ...) are stored "
+            f"2:4-compressed, but its config.json {marker} instead of the sparse24 format marker; the checkpoint "
+            "was altered: export it again (or restore config.json)"
+        )
+    _check_floating(name, dtypes)
+    return False
 
 
 def _load_sparse24_as_dense(name: str, source: str, dtype: torch.dtype, device_map: str | None) -> nn.Module:
@@ -147,6 +240,21 @@ def _load_sparse24_as_dense(name: str, source: str, dtype: torch.dtype, device_m
     return model.to(dtype)
 
 
+def check_loading_report(name: str, report: dict) -> None:
+    """Refuse what transformers would fill in at random: weights the checkpoint lacks (missing), holds for another
+    architecture (unexpected) or holds in another shape (mismatched)."""
+    problems = []
+    for kind in ("missing", "unexpected", "mismatched"):
+        keys = sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in report.get(f"{kind}_keys") or ())
+        if keys:
+            problems.append(f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+    if problems:
+        raise ValueError(
+            f"cannot load model {name!r}: its weights do not match its config.json, {'; '.join(problems)}; "
+            "transformers would initialize those at random: fetch or save the checkpoint again"
+        )
+
+
 def load_model(
     name: str, cache_dir: str | None = None, dtype: str = "auto", device_map: str | None = None, offload: bool = False
 ) -> nn.Module:
@@ -156,23 +264,36 @@ def load_model(
 
     torch_dtype = resolve_dtype(dtype)
     source, kwargs = _source(name)
-    if _is_sparse24_checkpoint(source):
-        model = _load_sparse24_as_dense(name, source, torch_dtype, device_map)
+    if _is_sparse24_checkpoint(name, source):
+        try:
+            model = _load_sparse24_as_dense(name, source, torch_dtype, device_map)
+        except OptionError:
+            raise
+        except torch.OutOfMemoryError:
+            raise
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, *_safetensors_errors()) as err:
+            raise ValueError(
+                f"cannot load the sparse24 checkpoint {name!r}: {type(err).__name__}: {_damage(err)}; it is "
+                "damaged or does not match its config.json: export it again"
+            ) from err
     else:
         kwargs.update(cache_dir=cache_dir, dtype=torch_dtype, low_cpu_mem_usage=True)
         if device_map:
             kwargs["device_map"] = device_map
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            model, report = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
         except (OSError, ValueError) as err:
             raise _not_found(name, cache_dir, err, "local_files_only" in kwargs) from None
         except torch.OutOfMemoryError:
             raise
+        except _config_errors() as err:
+            raise _malformed_config(name, err) from None
         except (RuntimeError, *_safetensors_errors()) as err:  # a truncated file; weights that do not fit config.json
             raise ValueError(
-                f"cannot load model {name!r}: {type(err).__name__}: {_first_line(err)}; the checkpoint may be "
+                f"cannot load model {name!r}: {type(err).__name__}: {_damage(err)}; the checkpoint may be "
                 "incomplete (an interrupted download or copy) or not match its config.json: fetch or save it again"
             ) from err
+        check_loading_report(name, report)
     model.eval()
     if device_map or not torch.cuda.is_available():
         return model

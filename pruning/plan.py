@@ -16,7 +16,8 @@ from torch import nn
 from pruning.adapters import DecoderAdapter, check_one_mask_for_every_layer, get_adapter
 from pruning.config import PruneConfig
 from pruning.errors import OptionError
-from pruning.placement import check_layers_placeable, compute_device_for, module_device
+from pruning.memory import gib, host_memory
+from pruning.placement import activation_store, check_layers_placeable, compute_device_for, module_device
 from wanda_kernels.policy import resolve_backend
 
 
@@ -33,6 +34,9 @@ class PrunePlan:
     seqlen: int
     batch_size: int  # calibration samples per forward (0 when nothing is calibrated)
     streamed: bool  # the model in CPU RAM, one layer at a time on the GPU
+    store: torch.device  # where the calibration activations are kept
+    host_bytes: int  # estimated host memory the run needs beyond the loaded model
+    device_bytes: int  # estimated memory on ``device`` beyond the loaded model (0 on the CPU)
 
 
 def _backend_for(backend: str, device: torch.device) -> str:
@@ -81,7 +85,54 @@ def plan(
         auto_batch_size(model, adapter, nsamples, seqlen, device) if needs_data else 0
     )
     streamed = module_device(layers[0]).type == "cpu" and device.type == "cuda"
-    return PrunePlan(config, adapter, layers, device, backend, nsamples, seqlen, batch_size, streamed)
+    element = next(model.parameters()).element_size()
+    activations = nsamples * seqlen * model.config.hidden_size * element  # one copy of a layer's inputs
+    store = activation_store(activations, device) if needs_data else device
+    host, on_device = estimate_memory(
+        layers, config, nsamples, seqlen, batch_size, model.config.hidden_size, element, device, store, streamed
+    )
+    check_host_memory(host, nsamples, seqlen)
+    return PrunePlan(
+        config, adapter, layers, device, backend, nsamples, seqlen, batch_size, streamed, store, host, on_device
+    )
+
+
+def estimate_memory(
+    layers: nn.ModuleList, config: PruneConfig, nsamples: int, seqlen: int, batch_size: int, hidden: int,
+    element: int, device: torch.device, store: torch.device, streamed: bool,
+) -> tuple[int, int]:  # fmt: skip
+    """(host bytes, device bytes) the run keeps alive at once beyond the loaded model: the layer inputs and
+    outputs of every calibration sample, one layer's statistics (SparseGPT: a fp32 [C, C] Hessian per Linear
+    group, plus the factorization's workspace), one batch's forward, and a streamed layer's weights."""
+    if not config.needs_calibration:
+        return 0, 0
+    layer = layers[0]
+    linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+    activations = 2 * nsamples * seqlen * hidden * element
+    if config.method == "wanda":
+        statistics = 4 * sum(m.in_features for m in linears)
+    else:  # one Hessian per group of Linears sharing an input, all alive during the statistics pass
+        widths = {m.in_features for m in linears}
+        statistics = 4 * sum(w * w for w in widths) + 2 * 4 * max(widths) ** 2
+    forward = batch_size * seqlen * (8 * hidden + 3 * max(m.out_features for m in linears)) * element
+    layer_weights = sum(p.numel() * p.element_size() for p in layer.parameters()) if streamed else 0
+    host = activations if store.type == "cpu" else 0
+    on_device = statistics + forward + layer_weights + (activations if store.type != "cpu" else 0)
+    if device.type == "cpu":
+        return host + on_device, 0
+    return host, on_device
+
+
+def check_host_memory(needed: int, nsamples: int, seqlen: int) -> None:
+    """Refuse now, in one line, a run whose host-memory estimate exceeds what this process may still take."""
+    host = host_memory()
+    if host.available is None or needed <= host.available:
+        return
+    raise OptionError(
+        f"not enough CPU memory (RAM) for the calibration: about {gib(needed)} needed for {nsamples} samples of "
+        f"{seqlen} tokens beyond the loaded model, {gib(host.available)} available ({host.bound}); use fewer "
+        "{nsamples} or a smaller {seqlen}, or a machine with more memory"
+    )
 
 
 def validate_calibration_ids(calibration_ids: torch.Tensor | None, model: nn.Module) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pruning import checksums
 from pruning.errors import OptionError, quote
 from pruning.infer.sparse_linear import Sparse24Linear
 
@@ -115,6 +116,7 @@ def save_sparse(model: nn.Module, tokenizer, directory: Path, max_shard_size: in
             del model.config.sparsity_config
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+    checksums.record(Path(directory))
     return directory
 
 
@@ -132,12 +134,20 @@ def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_sparse(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a ``--save_format sparse24`` checkpoint as a Hugging Face model with Sparse24Linear modules."""
+def load_sparse(path: str | Path, device: str | torch.device = "cpu", verify: bool = False) -> nn.Module:
+    """Load a sparse24 checkpoint as a Hugging Face model with Sparse24Linear modules. ``verify``: first compare
+    every file with the checksums recorded at save time (``pruning.checksums``); a difference is a ValueError."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(path).expanduser()
+    if verify:
+        result = checksums.verify(directory)
+        if not result.recorded:
+            raise ValueError(f"{str(directory)!r} has no {checksums.MANIFEST}: nothing to verify it against")
+        if result.problems:
+            more = f" (and {len(result.problems) - 1} more)" if len(result.problems) > 1 else ""
+            raise ValueError(f"{str(directory)!r} is damaged: {result.problems[0]}{more}; export it again")
     if not (directory / "config.json").exists():
         raise ValueError(f"{str(directory)!r} is not a saved model directory (no config.json)")
     config = AutoConfig.from_pretrained(directory)
@@ -145,7 +155,10 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         raise ValueError(f"{str(directory)!r} is not a sparse24 checkpoint; load it with from_pretrained")
     if spec.get("version") != FORMAT_VERSION:
-        raise ValueError(f"sparse24 format version {spec.get('version')} is not supported (this is {FORMAT_VERSION})")
+        raise ValueError(
+            f"sparse24 format version {spec.get('version')!r} is not supported (this reader knows version "
+            f"{FORMAT_VERSION!r}); export the checkpoint again"
+        )
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with init_empty_weights(include_buffers=False):
@@ -156,6 +169,15 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
         sparse = Sparse24Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype, "meta")
         setattr(model.get_submodule(parent_name), child, sparse)
     state = _read_state_dict(directory)
+    packed = set(spec["modules"])
+    for name, tensor in state.items():  # what the file holds: load_state_dict(assign=True) keeps its dtypes
+        if name.endswith(".meta") and name.removesuffix(".meta") in packed:
+            if tensor.dtype != torch.uint8:
+                raise ValueError(f"{name} is {tensor.dtype}, not uint8: the checkpoint is damaged; export it again")
+        elif not tensor.dtype.is_floating_point:
+            raise ValueError(
+                f"{name} is {tensor.dtype}, not floating point: the checkpoint is damaged; export it again"
+            )
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]

@@ -274,9 +274,9 @@ def test_full_run_writes_wanda_log_metrics_and_a_reloadable_2_4_model(tiny_opt, 
     pruned_in_memory = {}
     save_model = outputs.save_model_atomically
 
-    def capture_then_save(model, tokenizer, target, overwrite, *args):
+    def capture_then_save(model, tokenizer, target, overwrite, *args, **kwargs):
         pruned_in_memory.update(decoder_linears(model))
-        return save_model(model, tokenizer, target, overwrite, *args)
+        return save_model(model, tokenizer, target, overwrite, *args, **kwargs)
 
     monkeypatch.setattr(outputs, "save_model_atomically", capture_then_save)
     save, save_model_dir = tmp_path / "results", tmp_path / "models" / "opt-2-4"

@@ -29,32 +29,26 @@ def modules(package: str) -> dict[str, ast.Module]:
 
 
 def imported(tree: ast.Module, known: set[str]) -> set[str]:
-    """The modules of ``known`` that ``tree`` imports (``from a import b`` counts as ``a.b`` when that is one)."""
+    """The modules of ``known`` that ``tree`` imports: ``from a import b`` is ``a.b`` when that is a module, else
+    ``a``; ``import a.b`` is ``a.b``."""
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
+            found |= {alias.name for alias in node.names if alias.name in known}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found |= {f"{node.module}.{alias.name}" for alias in node.names} - {f"{node.module}.*"}
-            found.add(node.module)
-    resolved = set()
-    for name in found:
-        if name in known:
-            resolved.add(name)
-        elif name.rpartition(".")[0] in known and name.rpartition(".")[0] != "pruning":
-            resolved.add(name.rpartition(".")[0])
-    return resolved
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                if full in known:
+                    found.add(full)
+                elif node.module in known:
+                    found.add(node.module)
+    return found
 
 
 def import_graph(package: str) -> dict[str, set[str]]:
     trees = modules(package)
     known = set(trees)
-    graph = {}
-    for name, tree in trees.items():
-        # ``from pruning.cli import outputs`` names the submodule: drop the package edge it also makes
-        edges = imported(tree, known) - {name}
-        graph[name] = {e for e in edges if not any(o.startswith(e + ".") for o in edges) or e == package}
-    return graph
+    return {name: imported(tree, known) - {name} for name, tree in trees.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

@@ -1,10 +1,13 @@
 """wanda-prune check MODEL: what to run before a long job.
 
 Loads the model and tokenizer, shows the architecture, the decoder-layer path and the Linear shapes,
-generates a few tokens, and validates the weights (dtype, no NaN/inf, how many exact zeros already).
+generates a few tokens, and validates the weights (dtype, no NaN/inf, how many exact zeros already). A checkpoint
+saved by wanda-prune is first compared with the checksums recorded at save time.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,6 +32,11 @@ def run_check(argv: list[str]) -> int:
     adapter = get_adapter(config.model_type)
     print(f"model        {args.model}")
     print(f"architecture {config.model_type} ({adapter.family} adapter), layers at model.{adapter.layers_path}")
+    damage = _verify_checksums(Path(args.model).expanduser())
+    if damage:
+        for problem in damage:
+            print(f"PROBLEM      {problem}")
+        return 1
     tokenizer = load_tokenizer(args.model, args.cache_dir)
     model = load_model(args.model, args.cache_dir, args.dtype)  # on the GPU when it fits, as the run will be
     layers = adapter.layers(model)
@@ -64,3 +72,18 @@ def run_check(argv: list[str]) -> int:
         return 1
     print("ok           ready to prune")
     return 0
+
+
+def _verify_checksums(directory: Path) -> list[str]:
+    """Compare a local checkpoint with the checksums recorded when it was saved; print what was found."""
+    from pruning import checksums
+
+    if not directory.is_dir():
+        return []  # a hub id: the hub's own hashes guard the download
+    result = checksums.verify(directory)
+    if not result.recorded:
+        print(f"integrity    not verified: no {checksums.MANIFEST} (not saved by wanda-prune)")
+    elif not result.problems:
+        rate = result.bytes / 2**20 / max(result.seconds, 1e-9)
+        print(f"integrity    ok: {result.files} files, {result.bytes / 2**20:.1f} MiB hashed at {rate:.0f} MiB/s")
+    return [f"integrity: {problem}" for problem in result.problems]

@@ -61,12 +61,36 @@ def _main(argv: list[str]) -> int:
             raise
         print(f"error: {first_line(err)}", file=sys.stderr)
         return 2
+    except MemoryError:
+        if os.environ.get("WANDA_DEBUG"):
+            raise
+        print(f"error: out of CPU memory (RAM); {CPU_MEMORY_ADVICE}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        if os.environ.get("WANDA_DEBUG") or not _is_cpu_out_of_memory(err):
+            raise
+        print(f"error: out of CPU memory (RAM): {first_line(err)}; {CPU_MEMORY_ADVICE}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as interrupt:
         if os.environ.get("WANDA_DEBUG"):
             raise
         terminated = isinstance(interrupt, Terminated)
-        print(f"error: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        saved = getattr(interrupt, "saved", None)
+        note = f"; what finished before it is saved: {', '.join(saved)}" if saved else ""
+        print(f"error: {'terminated (SIGTERM)' if terminated else 'interrupted'}{note}", file=sys.stderr)
         return 143 if terminated else 130
+
+
+CPU_MEMORY_ADVICE = (
+    "use fewer --nsamples or a smaller --seqlen (the calibration activations grow with both), or a machine with "
+    "more RAM"
+)
+
+
+def _is_cpu_out_of_memory(err: RuntimeError) -> bool:
+    """torch's CPU allocator reports a failed allocation as a RuntimeError (CUDA's is torch.OutOfMemoryError)."""
+    text = str(err)
+    return "DefaultCPUAllocator" in text or "can't allocate memory" in text
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from pruning import checksums
+from pruning.cli import durable
+
 
 def _prove_writable(directory: Path, what: str) -> None:
     """Create ``directory`` and write a probe file in it, or raise a one-line ValueError about ``what``."""
@@ -70,6 +73,8 @@ def write_wanda_log(directory: Path, method: str, actual_sparsity: float, ppl_te
         before = f.read()
         f.write(("" if before else WANDA_LOG_HEADER) + ("\n" if before and not before.endswith("\n") else ""))
         f.write(f"{method}\t{actual_sparsity:.4f}\t{ppl}\n")
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 
@@ -115,8 +120,11 @@ def _write_atomically(path: Path, text: str) -> Path:
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; results get a plain file's permissions
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~durable.umask())  # mkstemp makes it 0600; results get a plain file's permissions
         os.replace(tmp, path)
+        durable.fsync_path(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -144,21 +152,30 @@ def write_metrics(path: Path, metrics: dict) -> Path:
     return _write_atomically(path, json.dumps(metrics, indent=2, sort_keys=True, default=str))
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _step(name: str) -> None:
+    """A named moment of a save (``staged``, ``synced``, ``moved_aside``, ``swapped``, ``cleaned``): a no-op the
+    fault-injection tests replace, to interrupt a save at each step deterministically."""
 
 
-def save_model_atomically(model, tokenizer, target: Path, overwrite: bool, save_format: str = "dense") -> Path:
-    """Write into a temporary sibling directory, then rename: a crash never leaves a half-written model,
-    and an existing directory is only replaced (with --overwrite) once the new one is complete.
-    ``save_format="sparse24"`` stores the decoder Linears 2:4-compressed (``pruning.sparse24``)."""
+def _keep_visible(staging: Path, target: Path) -> Path:
+    """A finished model that cannot go to ``target`` gets a visible name of its own (never cleared as stale)."""
+    kept = target.with_name(f"{target.name}.pruned-{staging.name.rsplit('-', 1)[-1]}")
+    staging.rename(kept)
+    return kept
+
+
+def save_model_atomically(
+    model, tokenizer, target: Path, overwrite: bool, save_format: str = "dense", on_saved=None
+) -> Path:
+    """Write into a hidden sibling directory, flush it to disk, then rename it into place: a crash or a kill never
+    leaves a half-written model at ``target``, and an existing one is only replaced (``overwrite``) once the new
+    one is complete. SIGINT/SIGTERM are held during the swap. ``save_format="sparse24"``: ``pruning.sparse24``.
+    Call with the target's lock held (``durable.target_locked``) when other runs may write it. ``on_saved(target)``
+    runs once the model is in place, before a held signal is delivered (so a caller can say it was saved)."""
     from pruning.infer.fusion import check_not_fused
 
     check_not_fused(model)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the saved model gets a plain mkdir's permissions
     try:
         if save_format == "sparse24":
             from pruning.sparse24 import save_sparse
@@ -168,32 +185,50 @@ def save_model_atomically(model, tokenizer, target: Path, overwrite: bool, save_
             model.save_pretrained(staging)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
+            checksums.record(staging)
+        _step("staged")
+        durable.chmod_tree_to_umask(staging)  # weights follow the umask like every other file
+        durable.fsync_tree(staging)  # on disk before the rename that publishes it
+        _step("synced")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if not target.exists():
-        staging.rename(target)
-        return target
-    if not overwrite or not target.is_dir():
+    if target.exists() and (not overwrite or not target.is_dir()):
         # Keep the new model: it may be hours of work. The user moves it where it belongs.
+        kept = _keep_visible(staging, target)
         raise ValueError(
-            f"--save_model {str(target)!r} appeared during the run and is not replaced; "
-            f"the pruned model is in {str(staging)!r}"
+            f"--save_model {str(target)!r} appeared during the run and is not replaced; the pruned model is in "
+            f"{str(kept)!r}"
         )
-    # A name no one else uses (unique like the staging name), so nothing that was there is deleted by mistake.
-    backup = staging.with_name(staging.name.replace(".partial-", ".old-", 1))
-    try:
-        target.rename(backup)
-    except OSError as err:
-        raise ValueError(
-            f"--save_model {str(target)!r} could not be replaced ({err.strerror or err}); "
-            f"the pruned model is in {str(staging)!r}"
-        ) from None
-    try:
-        staging.rename(target)
-    except BaseException:
-        backup.rename(target)  # put the previous model back
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
+    with durable.signals_held():
+        if not target.exists():
+            staging.rename(target)
+            durable.fsync_path(target.parent)
+            if on_saved is not None:
+                on_saved(target)
+            _step("swapped")
+            return target
+        # A name no one else uses (unique like the staging name), so nothing that was there is deleted by mistake.
+        backup = staging.with_name(staging.name.replace(".partial-", ".old-", 1))
+        try:
+            target.rename(backup)
+        except OSError as err:
+            kept = _keep_visible(staging, target)
+            raise ValueError(
+                f"--save_model {str(target)!r} could not be replaced ({err.strerror or err}); "
+                f"the pruned model is in {str(kept)!r}"
+            ) from None
+        _step("moved_aside")
+        try:
+            staging.rename(target)
+        except BaseException:
+            backup.rename(target)  # put the previous model back
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        durable.fsync_path(target.parent)
+        if on_saved is not None:
+            on_saved(target)
+        _step("swapped")
+        shutil.rmtree(backup, ignore_errors=True)
+        _step("cleaned")
     return target

@@ -24,7 +24,12 @@ def first_line(err: BaseException) -> str:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the CLI's error contract: one line, ``error: ...``, exit status 2 (no usage block)."""
+    """argparse with the CLI's error contract: one line, ``error: ...``, exit status 2 (no usage block), and no
+    abbreviated flags (``--device`` would be taken for ``--device_map``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from pruning.cli import durable
 from pruning.cli.parser import first_line
 from pruning.cli.validate import data_source, resolve_seqlen, validate_args
+from pruning.config import PruneConfig
 
 log = logging.getLogger("pruning")
 
@@ -62,7 +64,24 @@ def evaluate_zero_shot(model, tokenizer, args: argparse.Namespace) -> dict:
 
 def run_prune(args: argparse.Namespace) -> dict:
     """Validate, load, prune, save the model (--save_model), evaluate, write --save, then the optional
-    zero-shot step."""
+    zero-shot step. The --save_model target is locked for the whole run."""
+
+    started = time.perf_counter()
+    config = validate_args(args)
+    kept: list[str] = []  # what is already written, for the messages of a failure or an interrupt after it
+    try:
+        with contextlib.ExitStack() as stack:
+            if args.save_model:  # one run at a time into a target, from before loading to the end
+                target = Path(args.save_model).expanduser()
+                stack.enter_context(durable.target_locked(target))
+                durable.clear_stale_staging(target)
+            return _run(args, config, started, kept)
+    except KeyboardInterrupt as interrupt:
+        interrupt.saved = list(kept)  # type: ignore[attr-defined]
+        raise
+
+
+def _run(args: argparse.Namespace, config: PruneConfig, started: float, kept: list[str]) -> dict:
     from pruning.adapters import get_adapter
     from pruning.cli.outputs import metrics_path, save_model_atomically, versions, write_metrics, write_wanda_log
     from pruning.data import DataError, get_calibration_ids
@@ -72,8 +91,6 @@ def run_prune(args: argparse.Namespace) -> dict:
     from pruning.plan import check_model_config, plan
     from pruning.sparsity import check_sparsity
 
-    started = time.perf_counter()
-    config = validate_args(args)
     model_config = load_config(args.model, args.cache_dir)
     check_model_config(config, model_config)
     seqlen = resolve_seqlen(args.seqlen, model_config)
@@ -118,13 +135,15 @@ def run_prune(args: argparse.Namespace) -> dict:
     print("*" * 30)
     metrics["actual_sparsity"] = sparsity
     # The pruned model is saved first: it is the costly result, and evaluation can still fail (memory, data).
-    kept = []
     if args.save_model:
-        target = save_model_atomically(
-            model, tokenizer, Path(args.save_model).expanduser(), args.overwrite, args.save_format
+
+        def saved(target: Path) -> None:
+            log.info("saved the pruned model to %s", target)
+            kept.append(str(target))
+
+        save_model_atomically(
+            model, tokenizer, Path(args.save_model).expanduser(), args.overwrite, args.save_format, on_saved=saved
         )
-        log.info("saved the pruned model to %s", target)
-        kept.append(str(target))
     with _out_of_memory_as_error("evaluating perplexity", "evaluating", streamed, kept):
         metrics["ppl_test"] = evaluate_ppl(model, eval_ids, args, seqlen)
     if eval_ids is not None:

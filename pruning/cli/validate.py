@@ -9,6 +9,8 @@ import argparse
 import os
 from pathlib import Path
 
+import torch
+
 from pruning.config import PruneConfig
 
 
@@ -66,6 +68,7 @@ def validate_args(args: argparse.Namespace) -> PruneConfig:
     Runs first so that a mistake costs seconds, not a pruning job: flag values, optional dependencies
     (lm-eval for --eval_zero_shot), local data paths, and output directories (created and write-tested).
     """
+    _check_paths_expand(args)
     if not 0.0 <= args.sparsity_ratio < 1.0:
         raise ValueError(
             f"--sparsity_ratio must be in [0, 1), e.g. 0.5 to prune half the weights; got {args.sparsity_ratio}"
@@ -87,6 +90,8 @@ def validate_args(args: argparse.Namespace) -> PruneConfig:
         raise ValueError(
             f"--calib_batch_size must be positive (or left out to size it from memory), got {args.calib_batch_size}"
         )
+    _check_device_map(args.device_map, args.offload)
+    _check_combinations(args)
     from pruning.plan import check_backend
 
     config = PruneConfig(
@@ -127,6 +132,67 @@ def validate_args(args: argparse.Namespace) -> PruneConfig:
 
         check_save_model_dir(args.save_model, args.overwrite)
     return config
+
+
+PATH_FLAGS = ("model", "save", "save_model", "calib_dataset", "eval_dataset", "cache_dir", "zero_shot_include_path")
+
+
+def _check_paths_expand(args: argparse.Namespace) -> None:
+    """A ``~user/...`` path whose user does not exist fails here, in one line, not deep in a later step."""
+    for name in PATH_FLAGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            try:
+                Path(value).expanduser()
+            except RuntimeError as err:
+                raise ValueError(f"--{name} {value!r}: {err}; write the path out in full") from None
+
+
+# accelerate's named strategies; anything else names one device ("cpu", "cuda", "cuda:1", "1", "disk", ...)
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _check_device_map(device_map: str | None, offload: bool) -> None:
+    """A --device_map that names a device must name one this machine has, before anything loads."""
+    if device_map is None:
+        return
+    if offload:
+        raise ValueError(
+            "--offload and --device_map place the model in two different ways: --offload keeps it in CPU RAM and "
+            "streams one layer at a time to the GPU, --device_map lets accelerate place it; pass one of the two"
+        )
+    if device_map in DEVICE_MAP_STRATEGIES or device_map in ("cpu", "disk", "meta"):
+        return
+    name = f"cuda:{device_map}" if device_map.isdigit() else device_map
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"--device_map {device_map!r} is no device or strategy: use auto, balanced, sequential, cpu, or a GPU "
+            "such as cuda:0"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device_map {device_map} names a GPU, and this machine has none; leave the flag out")
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"--device_map {device_map} names GPU {device.index}, and this machine has {count} "
+                f"(cuda:0 to cuda:{count - 1})"
+            )
+    elif device.type != "cpu":
+        raise ValueError(
+            f"--device_map {device_map!r}: device type {device.type!r} is not supported here; use cuda or cpu"
+        )
+
+
+def _check_combinations(args: argparse.Namespace) -> None:
+    """A flag that would be silently ignored because of another is an error."""
+    if args.true_sequential and args.prune_method == "magnitude":
+        raise ValueError(
+            "--true_sequential orders the calibration passes, and magnitude pruning has none; "
+            "drop --true_sequential or use --prune_method wanda or sparsegpt"
+        )
 
 
 def _check_zero_shot_tasks(tasks: str, include_path: str | None) -> None:
