@@ -92,6 +92,7 @@ def plan(
         layers, config, nsamples, seqlen, batch_size, model.config.hidden_size, element, device, store, streamed
     )
     check_host_memory(host, nsamples, seqlen)
+    check_device_memory(on_device, device, nsamples, seqlen)
     return PrunePlan(
         config, adapter, layers, device, backend, nsamples, seqlen, batch_size, streamed, store, host, on_device
     )
@@ -181,3 +182,19 @@ def auto_batch_size(model: nn.Module, adapter: DecoderAdapter, nsamples: int, se
     per_sample = seqlen * (8 * hidden + 3 * max(widths)) * elem + heads * seqlen * seqlen * elem
     free, _ = torch.cuda.mem_get_info(device)
     return int(max(1, min(nsamples, 64, (free // 4) // per_sample)))
+
+
+def check_device_memory(needed: int, device: torch.device, nsamples: int, seqlen: int) -> None:
+    """Refuse now a run whose GPU-memory estimate exceeds the free memory of the GPU that runs the layers. What
+    smaller batches can cure (the forward) is sized from free memory already; this catches what they cannot."""
+    if device.type != "cuda" or needed == 0:
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    if needed <= free:
+        return
+    raise OptionError(
+        f"not enough GPU memory on {device} for the calibration: about {gib(needed)} needed beyond the loaded model "
+        f"(statistics, activations and a batch's forward for {nsamples} samples of {seqlen} tokens), {gib(free)} "
+        "free; use {offload} (the model in CPU RAM, one layer at a time on the GPU), fewer {nsamples} or a smaller "
+        "{seqlen}"
+    )

@@ -95,3 +95,40 @@ def test_checks_fail_before_any_weight_changes():
         pruning.prune_model(model, calibration_ids(), "wanda", 0.5, "2:4")
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name  # layer 0 is fine, but nothing was pruned
+
+
+def test_memory_estimates_count_what_calibration_keeps_alive():
+    """On the CPU: every sample's layer inputs and outputs (2 x T x hidden fp32 per sample) grow with nsamples;
+    SparseGPT adds an fp32 [C, C] Hessian per input width (32 and 64 here) and the factorization's workspace."""
+    model = tiny_opt()
+
+    def host_bytes(method: str, nsamples: int) -> int:
+        config = PruneConfig(method=method, calib_batch_size=2)
+        made = plan_module.plan(model, config, calibration_ids(nsamples=nsamples))
+        assert made.store.type == "cpu" and made.device_bytes == 0
+        return made.host_bytes
+
+    assert host_bytes("wanda", 10) - host_bytes("wanda", 6) == 4 * 2 * 16 * 32 * 4
+    wanda_statistics = 4 * (3 * 32 + 32 + 32 + 64)  # a fp32 norm per input feature of each Linear
+    sparsegpt_statistics = 4 * (32 * 32 + 64 * 64) + 2 * 4 * 64 * 64
+    assert host_bytes("sparsegpt", 6) - host_bytes("wanda", 6) == sparsegpt_statistics - wanda_statistics
+    assert plan_module.plan(model, PruneConfig(method="magnitude"), None).host_bytes == 0
+
+
+def test_a_run_that_cannot_fit_on_the_gpu_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 80 << 30))
+    with pytest.raises(ValueError) as caught:
+        plan_module.check_device_memory(3 << 30, torch.device("cuda", 0), 128, 2048)
+    from pruning.cli.parser import flag
+
+    message = caught.value.spelled(flag)
+    assert "about 3.0 GiB needed" in message and "1.0 GiB free" in message and "--offload" in message
+    plan_module.check_device_memory(1 << 29, torch.device("cuda", 0), 128, 2048)  # fits: nothing raised
+
+
+def test_a_run_that_cannot_fit_in_ram_is_refused(monkeypatch):
+    from pruning import memory
+
+    monkeypatch.setattr(plan_module, "host_memory", lambda: memory.HostMemory(1 << 16, "the cgroup's memory limit"))
+    with pytest.raises(ValueError, match="not enough CPU memory.*the cgroup's memory limit.*nsamples"):
+        plan_module.plan(tiny_opt(), PruneConfig(method="wanda"), calibration_ids(nsamples=64))
