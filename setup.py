@@ -22,6 +22,7 @@ setup(
         "datasets",
         "safetensors",
         "tqdm",
+        "gguf",  # --model FILE.gguf (transformers dequantizes it on load)
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "ruff", "hypothesis"],

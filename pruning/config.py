@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields
 
-from pruning.errors import OptionError
+from pruning.errors import OptionError, quote
 from wanda_kernels.policy import BACKENDS
 
 METHODS = (
@@ -42,9 +42,9 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise OptionError(f"{{method}} must be one of {', '.join(METHODS)}, got {self.method!r}")
+            raise OptionError(f"{{method}} must be one of {', '.join(METHODS)}, got {quote(repr(self.method))}")
         if self.backend not in BACKENDS:
-            raise OptionError(f"{{backend}} must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+            raise OptionError(f"{{backend}} must be one of {', '.join(BACKENDS)}, got {quote(repr(self.backend))}")
         if isinstance(self.sparsity_ratio, bool) or not isinstance(self.sparsity_ratio, (int, float)):
             raise ValueError(f"sparsity_ratio must be a number in [0, 1), got {self.sparsity_ratio!r}")
         if not 0.0 <= self.sparsity_ratio < 1.0:

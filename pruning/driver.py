@@ -240,8 +240,8 @@ def prune_model(
     config = as_config(config, sparsity_ratio, sparsity_type, options)
     if plan is None:
         plan = make_plan(model, config, calibration_ids)
-    elif plan.config != config:
-        raise ValueError("plan was made for another PruneConfig than the one given")
+    else:
+        plan.check_for(model, config, calibration_ids)
     report = PruneReport(
         config.method, config.sparsity_type, config.sparsity_ratio, plan.backend, plan.nsamples, plan.seqlen,
         plan.batch_size, plan.streamed, estimated_host_bytes=plan.host_bytes, estimated_device_bytes=plan.device_bytes,

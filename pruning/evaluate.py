@@ -126,6 +126,12 @@ def layerwise_perplexity(
 ) -> float:
     """The published perplexity protocol (disjoint seqlen windows, remainder dropped) computed one decoder
     layer at a time, for models that live in CPU RAM and are streamed through the GPU."""
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be >= 2 to score any token, got {seqlen}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not (ids.dim() == 1 or (ids.dim() == 2 and ids.shape[0] == 1)):
+        raise ValueError(f"ids must have shape [1, N] or [N], got {tuple(ids.shape)}")
     ids = ids.reshape(1, -1)
     n_windows = ids.shape[1] // seqlen
     if n_windows == 0:

@@ -37,13 +37,46 @@ def _source(name: str) -> tuple[str, dict]:
     except RuntimeError as err:  # ~user of no such user
         raise ValueError(f"cannot load model {name!r}: {err}; write the path out in full") from None
     if _looks_like_path(name):
+        if path.is_file() and path.suffix.lower() == GGUF_SUFFIX:
+            _check_gguf_reader(name)
+            return str(path.parent), {"local_files_only": True, "gguf_file": path.name}
         if path.is_file():
             raise ValueError(
                 f"cannot load model {name!r}: it is a file; pass the directory that holds config.json and the "
-                f"weights ({str(path.parent)!r})"
+                f"weights ({str(path.parent)!r}), or a .gguf file"
             )
         return str(path), {"local_files_only": True}
     return name, ({} if hub.models_available() else {"local_files_only": True})
+
+
+GGUF_SUFFIX = ".gguf"
+
+
+def _check_gguf_reader(name: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError(f"cannot load model {name!r}: reading a .gguf file needs the gguf package: pip install gguf")
+
+
+def _plain_model(quantized: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A model read from GGUF is dequantized on load but stays marked as GGUF-quantized, which ``save_pretrained``
+    refuses: the same weights in a plain model of the same config, built without allocating twice."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights():
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    result = plain.load_state_dict(quantized.state_dict(), strict=False, assign=True)
+    plain.tie_weights()
+    still_meta = [n for n, p in plain.named_parameters() if p.device.type == "meta"]
+    if still_meta or result.unexpected_keys:
+        raise ValueError(f"GGUF weights do not fill the model: missing {still_meta[:3]}, unexpected "
+                         f"{result.unexpected_keys[:3]}")  # fmt: skip
+    return plain
 
 
 def _damage(err: Exception) -> str:
@@ -264,7 +297,7 @@ def load_model(
 
     torch_dtype = resolve_dtype(dtype)
     source, kwargs = _source(name)
-    if _is_sparse24_checkpoint(name, source):
+    if "gguf_file" not in kwargs and _is_sparse24_checkpoint(name, source):
         try:
             model = _load_sparse24_as_dense(name, source, torch_dtype, device_map)
         except OptionError:
@@ -272,14 +305,15 @@ def load_model(
         except torch.OutOfMemoryError:
             raise
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, *_safetensors_errors()) as err:
+            detail = _damage(err)
+            advice = "" if "export" in detail else "; it is damaged or does not match its config.json: export it again"
             raise ValueError(
-                f"cannot load the sparse24 checkpoint {name!r}: {type(err).__name__}: {_damage(err)}; it is "
-                "damaged or does not match its config.json: export it again"
+                f"cannot load the sparse24 checkpoint {name!r}: {type(err).__name__}: {detail}{advice}"
             ) from err
     else:
         kwargs.update(cache_dir=cache_dir, dtype=torch_dtype, low_cpu_mem_usage=True)
-        if device_map:
-            kwargs["device_map"] = device_map
+        if device_map:  # a bare GPU index ("1") is no device name for transformers
+            kwargs["device_map"] = f"cuda:{device_map}" if device_map.isdigit() else device_map
         try:
             model, report = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
         except (OSError, ValueError) as err:
@@ -294,6 +328,8 @@ def load_model(
                 "incomplete (an interrupted download or copy) or not match its config.json: fetch or save it again"
             ) from err
         check_loading_report(name, report)
+        if "gguf_file" in kwargs:
+            model = _plain_model(model, torch_dtype)
     model.eval()
     if device_map or not torch.cuda.is_available():
         return model

@@ -39,14 +39,31 @@ def _read_int(path: str) -> int | None:
     return int(text) if text.isdigit() else None  # "max": no limit
 
 
+def _stat_field(path: str, field: str) -> int:
+    try:
+        for line in Path(path).read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == field and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+# (limit, usage, stat, the stat's inactive page cache): cgroup v2, then v1
+CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat", "inactive_file"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+     "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"),
+)  # fmt: skip
+
+
 def _cgroup_room() -> int | None:
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ):
+    """The cgroup's limit less its usage, not counting inactive page cache (the kernel reclaims it first)."""
+    for limit_file, usage_file, stat_file, cache_field in CGROUP_FILES:
         limit, usage = _read_int(limit_file), _read_int(usage_file)
         if limit is not None and usage is not None and limit < 1 << 60:  # v1 writes a huge number for "none"
-            return max(0, limit - usage)
+            return max(0, limit - max(0, usage - _stat_field(stat_file, cache_field)))
     return None
 
 
@@ -72,5 +89,6 @@ def host_memory() -> HostMemory:
     return HostMemory(room, bound)
 
 
-def gib(n_bytes: int) -> str:
-    return f"{n_bytes / GiB:.1f} GiB"
+def size(n_bytes: int) -> str:
+    """Bytes for a message: GiB from 1 GiB up, MiB below."""
+    return f"{n_bytes / GiB:.1f} GiB" if n_bytes >= GiB else f"{n_bytes / (1 << 20):.1f} MiB"

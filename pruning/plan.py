@@ -8,6 +8,7 @@ plan unless it is handed one; the CLI makes it right after loading, so a mistake
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from pruning.adapters import DecoderAdapter, check_one_mask_for_every_layer, get_adapter
 from pruning.config import PruneConfig
 from pruning.errors import OptionError
-from pruning.memory import gib, host_memory
+from pruning.memory import host_memory, size
 from pruning.placement import activation_store, check_layers_placeable, compute_device_for, module_device
 from wanda_kernels.policy import resolve_backend
 
@@ -37,6 +38,20 @@ class PrunePlan:
     store: torch.device  # where the calibration activations are kept
     host_bytes: int  # estimated host memory the run needs beyond the loaded model
     device_bytes: int  # estimated memory on ``device`` beyond the loaded model (0 on the CPU)
+    model_id: int = 0  # id() of the model it was made for
+
+    def check_for(self, model: nn.Module, config: PruneConfig, calibration_ids: torch.Tensor | None) -> None:
+        """Refuse to run this plan on another model, config or calibration shape than it was made for."""
+        if id(model) != self.model_id or self.layers is not self.adapter.layers(model):
+            raise ValueError("plan was made for another model than the one given; make a plan for this one")
+        if self.config != config:
+            raise ValueError("plan was made for another PruneConfig than the one given")
+        shape = tuple(calibration_ids.shape) if isinstance(calibration_ids, torch.Tensor) else None
+        if self.config.needs_calibration and shape != (self.nsamples, self.seqlen):
+            raise ValueError(
+                f"plan was made for calibration_ids of shape {(self.nsamples, self.seqlen)}, got {shape}; make a plan "
+                "for these ids"
+            )
 
 
 def _backend_for(backend: str, device: torch.device) -> str:
@@ -84,54 +99,83 @@ def plan(
     batch_size = config.calib_batch_size or (
         auto_batch_size(model, adapter, nsamples, seqlen, device) if needs_data else 0
     )
+    batch_size = min(batch_size, nsamples)  # no forward holds more samples than there are
     streamed = module_device(layers[0]).type == "cpu" and device.type == "cuda"
     element = next(model.parameters()).element_size()
     activations = nsamples * seqlen * model.config.hidden_size * element  # one copy of a layer's inputs
     store = activation_store(activations, device) if needs_data else device
-    host, on_device = estimate_memory(
-        layers, config, nsamples, seqlen, batch_size, model.config.hidden_size, element, device, store, streamed
-    )
-    check_host_memory(host, nsamples, seqlen)
-    check_device_memory(on_device, device, nsamples, seqlen)
+    statistics = statistics_bytes(adapter, layers, config)
+
+    def estimate(store: torch.device) -> tuple[int, int, int]:
+        return estimate_memory(
+            layers, config, nsamples, seqlen, batch_size, model.config.hidden_size, element, device, store, streamed,
+            statistics,
+        )  # fmt: skip
+
+    host, on_device, forward = estimate(store)
+    if device.type == "cuda" and store.type == "cuda" and not fits_on(device, on_device - forward):
+        store = torch.device("cpu")  # the activations go to CPU RAM rather than the run being refused
+        host, on_device, forward = estimate(store)
+    hessians = statistics if config.method not in ("wanda", "magnitude") and device.type == "cpu" else 0
+    check_host_memory(host, nsamples, seqlen, hessians)
+    # The forward is left out: smaller batches cure it (pruning.oom); the rest they cannot.
+    check_device_memory(on_device - forward, device, nsamples, seqlen, streamed)
     return PrunePlan(
-        config, adapter, layers, device, backend, nsamples, seqlen, batch_size, streamed, store, host, on_device
-    )
+        dataclasses.replace(config), adapter, layers, device, backend, nsamples, seqlen, batch_size, streamed, store,
+        host, on_device, id(model),
+    )  # fmt: skip
 
 
 def estimate_memory(
     layers: nn.ModuleList, config: PruneConfig, nsamples: int, seqlen: int, batch_size: int, hidden: int,
-    element: int, device: torch.device, store: torch.device, streamed: bool,
-) -> tuple[int, int]:  # fmt: skip
-    """(host bytes, device bytes) the run keeps alive at once beyond the loaded model: the layer inputs and
-    outputs of every calibration sample, one layer's statistics (SparseGPT: a fp32 [C, C] Hessian per Linear
-    group, plus the factorization's workspace), one batch's forward, and a streamed layer's weights."""
+    element: int, device: torch.device, store: torch.device, streamed: bool, statistics: int,
+) -> tuple[int, int, int]:  # fmt: skip
+    """(host bytes, device bytes, of which one batch's forward) the run keeps alive at once beyond the loaded
+    model: the layer inputs and outputs of every calibration sample, one layer's statistics (SparseGPT: a fp32
+    [C, C] Hessian per Linear group, plus the factorization's workspace), one batch's forward, and a streamed
+    layer's weights."""
     if not config.needs_calibration:
-        return 0, 0
+        return 0, 0, 0
     layer = layers[0]
     linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
     activations = 2 * nsamples * seqlen * hidden * element
-    if config.method == "wanda":
-        statistics = 4 * sum(m.in_features for m in linears)
-    else:  # one Hessian per group of Linears sharing an input, all alive during the statistics pass
-        widths = {m.in_features for m in linears}
-        statistics = 4 * sum(w * w for w in widths) + 2 * 4 * max(widths) ** 2
     forward = batch_size * seqlen * (8 * hidden + 3 * max(m.out_features for m in linears)) * element
     layer_weights = sum(p.numel() * p.element_size() for p in layer.parameters()) if streamed else 0
     host = activations if store.type == "cpu" else 0
     on_device = statistics + forward + layer_weights + (activations if store.type != "cpu" else 0)
     if device.type == "cpu":
-        return host + on_device, 0
-    return host, on_device
+        return host + on_device, 0, 0
+    return host, on_device, forward
 
 
-def check_host_memory(needed: int, nsamples: int, seqlen: int) -> None:
+def statistics_bytes(adapter: DecoderAdapter, layers: nn.ModuleList, config: PruneConfig) -> int:
+    """One layer's calibration statistics, all alive during its statistics pass: Wanda, a fp32 norm per input
+    feature of each group; SparseGPT (and its ablations), a fp32 [C, C] Hessian per Linear group (q/k/v share
+    one) plus the factorization's workspace; magnitude, none."""
+    if not config.needs_calibration:
+        return 0
+    layer = layers[0]
+    modules = dict(layer.named_modules())
+    widths = [modules[group[0]].in_features for group in adapter.groups_for(layer)]
+    if config.method == "wanda":
+        return 4 * sum(widths)
+    return 4 * sum(w * w for w in widths) + 2 * 4 * max(widths) ** 2
+
+
+def check_host_memory(needed: int, nsamples: int, seqlen: int, hessians: int = 0) -> None:
     """Refuse now, in one line, a run whose host-memory estimate exceeds what this process may still take."""
     host = host_memory()
     if host.available is None or needed <= host.available:
         return
+    if hessians > needed // 2:  # fewer samples would not help
+        raise OptionError(
+            f"not enough CPU memory (RAM) for SparseGPT's statistics: about {size(needed)} needed beyond the loaded "
+            f"model, {size(hessians)} of it fp32 Hessians of the layer's input widths, {size(host.available)} "
+            f"available ({host.bound}); use {{method}} wanda, or a machine with more memory"
+        )
     raise OptionError(
-        f"not enough CPU memory (RAM) for the calibration: about {gib(needed)} needed for {nsamples} samples of "
-        f"{seqlen} tokens beyond the loaded model, {gib(host.available)} available ({host.bound}); use fewer "
+        f"not enough CPU memory (RAM) for the calibration: about {size(needed)} needed for {nsamples} samples of "
+        f"{seqlen} tokens beyond the loaded model, {size(host.available)} available ({host.bound}); use fewer "
         "{nsamples} or a smaller {seqlen}, or a machine with more memory"
     )
 
@@ -184,17 +228,23 @@ def auto_batch_size(model: nn.Module, adapter: DecoderAdapter, nsamples: int, se
     return int(max(1, min(nsamples, 64, (free // 4) // per_sample)))
 
 
-def check_device_memory(needed: int, device: torch.device, nsamples: int, seqlen: int) -> None:
-    """Refuse now a run whose GPU-memory estimate exceeds the free memory of the GPU that runs the layers. What
-    smaller batches can cure (the forward) is sized from free memory already; this catches what they cannot."""
+def fits_on(device: torch.device, needed: int) -> bool:
+    free, _ = torch.cuda.mem_get_info(device)
+    return needed <= free
+
+
+def check_device_memory(needed: int, device: torch.device, nsamples: int, seqlen: int, streamed: bool = False) -> None:
+    """Refuse now a run whose GPU-memory estimate (what smaller batches cannot cure) exceeds the free memory of the
+    GPU that runs the layers."""
     if device.type != "cuda" or needed == 0:
         return
     free, _ = torch.cuda.mem_get_info(device)
     if needed <= free:
         return
+    fix = "fewer {nsamples} or a smaller {seqlen}" if streamed else (
+        "{offload} (the model in CPU RAM, one layer at a time on the GPU), fewer {nsamples} or a smaller {seqlen}"
+    )  # fmt: skip
     raise OptionError(
-        f"not enough GPU memory on {device} for the calibration: about {gib(needed)} needed beyond the loaded model "
-        f"(statistics, activations and a batch's forward for {nsamples} samples of {seqlen} tokens), {gib(free)} "
-        "free; use {offload} (the model in CPU RAM, one layer at a time on the GPU), fewer {nsamples} or a smaller "
-        "{seqlen}"
+        f"not enough GPU memory on {device} for the calibration: about {size(needed)} needed beyond the loaded model "
+        f"(statistics and activations for {nsamples} samples of {seqlen} tokens), {size(free)} free; use " + fix
     )

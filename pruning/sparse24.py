@@ -155,9 +155,15 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu", verify: bo
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         raise ValueError(f"{str(directory)!r} is not a sparse24 checkpoint; load it with from_pretrained")
     if spec.get("version") != FORMAT_VERSION:
+        version = spec.get("version")
+        kind = (
+            f" (a {type(version).__name__}, not the integer {FORMAT_VERSION})"
+            if str(version) == str(FORMAT_VERSION)
+            else ""
+        )
         raise ValueError(
-            f"sparse24 format version {spec.get('version')!r} is not supported (this reader knows version "
-            f"{FORMAT_VERSION!r}); export the checkpoint again"
+            f"sparse24 format version {version!r}{kind} is not supported (this reader knows version "
+            f"{FORMAT_VERSION}); export the checkpoint again"
         )
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype

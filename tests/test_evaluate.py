@@ -287,3 +287,14 @@ def test_cli_zero_shot_of_a_model_in_cpu_ram_streams_its_layers(monkeypatch):
     assert prune.evaluate_zero_shot(model, None, args) == {"boolq": {"acc,none": 0.5}}
     assert calls == [(["boolq", "rte"], 8, [True, True])]
     assert not any(layer._forward_pre_hooks for layer in layers)
+
+
+def test_layerwise_perplexity_refuses_what_perplexity_refuses():
+    from pruning.adapters import get_adapter
+    from pruning.evaluate import layerwise_perplexity
+
+    model = tiny_model("opt").eval()
+    with pytest.raises(ValueError, match="seqlen must be >= 2"):
+        layerwise_perplexity(model, get_adapter(model), torch.zeros(1, 64, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="ids must have shape"):
+        layerwise_perplexity(model, get_adapter(model), torch.zeros(2, 64, dtype=torch.long), 16)

@@ -131,15 +131,97 @@ def test_stale_staging_of_a_killed_run_is_cleared_by_the_next_run(tiny_opt, old_
     assert "removed what a killed run left" in caplog.text and partial.name in caplog.text
 
 
-def test_staging_is_only_named_when_the_target_is_missing(tiny_opt, tmp_path, caplog):
-    """A kill -9 between the two renames of a swap: the old model is aside, the new one may be complete. The next
-    run must not delete either: they may be the only copies."""
-    target = tmp_path / "pruned"
-    aside = tmp_path / ".pruned.old-killed"
-    aside.mkdir()
-    (aside / "config.json").write_text("{}")
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_swap_killed_between_its_renames_is_repaired(overwrite, tiny_opt, old_model, capsys, caplog):
+    """A kill -9 between the two renames: the old model is aside, the new one complete beside it, the target
+    missing. The next run puts the old model back, keeps the new one under a visible name, and replaces the target
+    only with --overwrite."""
+    old = weights(old_model)
+    assert main(argv(tiny_opt, old_model.with_name("donor"), ratio="0.75")) == 0  # a complete new model
+    aside = old_model.with_name(f".{old_model.name}.old-killed")
+    old_model.rename(aside)
+    new = old_model.with_name(f".{old_model.name}.partial-killed")
+    old_model.with_name("donor").rename(new)
+    capsys.readouterr()
+    code = main(argv(tiny_opt, old_model, *(["--overwrite"] if overwrite else [])))
+    kept = old_model.with_name(f"{old_model.name}.pruned-killed")
+    assert beside(old_model) == [kept.name] and kept.is_dir() and (kept / "checksums.json").is_file()
+    assert "put the previous model back" in caplog.text and "kept the complete new model" in caplog.text
+    if overwrite:
+        assert code == 0 and any(not torch.equal(weights(old_model)[k], v) for k, v in old.items())
+    else:
+        assert code == 2 and "pass --overwrite" in capsys.readouterr().err
+        assert all(torch.equal(weights(old_model)[k], v) for k, v in old.items())
+
+
+def test_stale_staging_of_another_target_is_not_touched(tiny_opt, tmp_path):
+    target = tmp_path / "opt[12]"  # a glob pattern: it must not match .opt1.*
+    other = [tmp_path / ".opt1.partial-x", tmp_path / ".opt1.old-x"]
+    for path in other:
+        path.mkdir()
     assert main(argv(tiny_opt, target)) == 0
-    assert aside.is_dir() and "is missing" in caplog.text and str(aside) in caplog.text
+    assert all(path.is_dir() for path in other)
+
+
+@pytest.mark.parametrize("sig", ["SIGHUP", "SIGQUIT"])
+def test_a_dropped_terminal_during_the_swap_is_held_too(sig, tiny_opt, old_model):
+    """SIGHUP (an ssh session gone) or SIGQUIT mid-swap: held, then delivered after it, so the process dies with
+    the new model in place."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        os.environ["TRITON_INTERPRET"] = "1"
+        from pruning.cli import main, outputs
+        outputs._step = lambda name: signal.raise_signal(signal.{sig}) if name == "moved_aside" else None
+        sys.exit(main({argv(tiny_opt, old_model, "--overwrite", ratio="0.75")!r}))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == -getattr(signal, sig)  # the default action, once the swap is done
+    assert beside(old_model) == [".pruned.lock"] or beside(old_model) == []  # the lock file dies with the process
+    zeros = sum(int((w == 0).sum()) for k, w in weights(old_model).items() if "layers" in k and k.endswith("weight"))
+    total = sum(w.numel() for k, w in weights(old_model).items() if "layers" in k and k.endswith("weight"))
+    assert zeros / total > 0.7  # the new, 75% model
+
+
+def test_a_filesystem_without_locks_still_saves(tiny_opt, tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    target = tmp_path / "pruned"
+    assert main(argv(tiny_opt, target)) == 0
+    assert beside(target) == [] and "cannot lock" in caplog.text
+
+
+def test_a_failed_second_rename_keeps_both_models(tiny_opt, old_model, capsys, monkeypatch):
+    old = weights(old_model)
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if ".partial-" in self.name and Path(target) == old_model:
+            raise OSError(5, "Input/output error")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    assert main(argv(tiny_opt, old_model, "--overwrite", ratio="0.75")) == 2
+    err = capsys.readouterr().err
+    assert "the previous model is back, and the pruned model is in" in err
+    assert all(torch.equal(weights(old_model)[k], v) for k, v in old.items())
+    (kept,) = [p for p in old_model.parent.iterdir() if p.name.startswith(f"{old_model.name}.pruned-")]
+    assert weights(kept).keys() == old.keys()
+
+
+def test_a_symlinked_target_is_not_replaced_through_the_link(tiny_opt, old_model, capsys):
+    link = old_model.with_name("link")
+    link.symlink_to(old_model)
+    assert main(argv(tiny_opt, link, "--overwrite")) == 2
+    assert "is a symbolic link" in capsys.readouterr().err
+    assert sorted(p.name for p in old_model.parent.iterdir() if not p.name.startswith(("pruned", "link"))) == []
 
 
 def test_saved_files_follow_the_umask(tiny_opt, tmp_path):
@@ -308,3 +390,37 @@ def test_a_malformed_config_value_is_one_line(tiny_opt, tmp_path, capsys):
     (model_dir / "config.json").write_text(json.dumps(config))
     assert main(argv(model_dir, tmp_path / "pruned")) == 2
     assert "config.json" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (("--device_map", "disk"), "without weights to run"),
+        (("--overwrite",), "none is given"),
+        (("--zero_shot_include_path", "/tmp"), "which is not given"),
+    ],
+)
+def test_flags_that_would_do_nothing_are_refused(extra, fragment, tiny_opt, tmp_path, capsys):
+    run_argv = [a for a in argv(tiny_opt, tmp_path / "pruned") if a not in ("--save_model", str(tmp_path / "pruned"))]
+    assert main([*run_argv, *extra]) == 2
+    assert fragment in one_error_line(capsys)
+
+
+def test_a_calibration_batch_larger_than_the_samples_is_not_counted_as_such(tiny_opt, tmp_path):
+    run_argv = argv(tiny_opt, tmp_path / "pruned")
+    run_argv[run_argv.index("magnitude")] = "wanda"
+    run_argv += ["--nsamples", "4", "--seqlen", "16", "--calib_batch_size", "100000000",
+                 "--calib_dataset", str(ASSETS / "demo_calibration.txt")]  # fmt: skip
+    assert main(run_argv) == 0
+
+
+def test_hessian_dominated_refusal_names_the_method(monkeypatch):
+    from pruning import memory
+    from pruning import plan as plan_module
+    from pruning.cli.parser import flag
+
+    monkeypatch.setattr(plan_module, "host_memory", lambda: memory.HostMemory(1 << 30, "MemAvailable"))
+    with pytest.raises(ValueError) as caught:
+        plan_module.check_host_memory(28 << 30, 1, 2, hessians=27 << 30)
+    message = caught.value.spelled(flag)
+    assert "SparseGPT's statistics" in message and "--prune_method wanda" in message and "--nsamples" not in message

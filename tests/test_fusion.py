@@ -647,3 +647,13 @@ def test_auto_backend_runs_the_references_off_cuda(monkeypatch):
             with_kernels(ids)
     with pytest.raises(ValueError, match="backend must be one of"):
         fuse_small_ops_(tiny_llama(), backend="cuda")
+
+
+def test_fusing_again_takes_the_new_backend():
+    model = tiny_llama()
+    fuse_small_ops_(model, backend="torch")
+    fuse_small_ops_(model, backend=KERNELS)
+    assert {m.backend for m in model.modules() if isinstance(m, FusedRMSNorm)} == {KERNELS}
+    attention = model.model.layers[0].self_attn
+    assert attention.forward.args[1] == KERNELS and not isinstance(attention.forward.args[0], functools.partial)
+    assert model.model.layers[0].mlp.forward.args[1] == KERNELS

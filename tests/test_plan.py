@@ -77,7 +77,7 @@ def test_a_plan_is_made_once_and_used_as_made():
     report = pruning.prune_model(model, ids, config, plan=made)
     assert report.calib_batch_size == 4 and abs(report.actual_sparsity - 0.5) < 1e-6
     with pytest.raises(ValueError, match="another PruneConfig"):
-        pruning.prune_model(tiny_opt(), ids, dataclasses.replace(config, sparsity_ratio=0.25), plan=made)
+        pruning.prune_model(model, ids, dataclasses.replace(config, sparsity_ratio=0.25), plan=made)
 
 
 def test_a_config_is_given_one_way():
@@ -109,8 +109,10 @@ def test_memory_estimates_count_what_calibration_keeps_alive():
         return made.host_bytes
 
     assert host_bytes("wanda", 10) - host_bytes("wanda", 6) == 4 * 2 * 16 * 32 * 4
-    wanda_statistics = 4 * (3 * 32 + 32 + 32 + 64)  # a fp32 norm per input feature of each Linear
-    sparsegpt_statistics = 4 * (32 * 32 + 64 * 64) + 2 * 4 * 64 * 64
+    # per Linear group (q/k/v | out_proj | fc1 | fc2, inputs 32, 32, 32, 64): a fp32 norm per input feature, or a
+    # fp32 Hessian, plus the factorization's two [64, 64] temporaries
+    wanda_statistics = 4 * (32 + 32 + 32 + 64)
+    sparsegpt_statistics = 4 * (3 * 32 * 32 + 64 * 64) + 2 * 4 * 64 * 64
     assert host_bytes("sparsegpt", 6) - host_bytes("wanda", 6) == sparsegpt_statistics - wanda_statistics
     assert plan_module.plan(model, PruneConfig(method="magnitude"), None).host_bytes == 0
 
@@ -132,3 +134,37 @@ def test_a_run_that_cannot_fit_in_ram_is_refused(monkeypatch):
     monkeypatch.setattr(plan_module, "host_memory", lambda: memory.HostMemory(1 << 16, "the cgroup's memory limit"))
     with pytest.raises(ValueError, match="not enough CPU memory.*the cgroup's memory limit.*nsamples"):
         plan_module.plan(tiny_opt(), PruneConfig(method="wanda"), calibration_ids(nsamples=64))
+
+
+def test_a_plan_runs_only_on_what_it_was_made_for():
+    model, ids = tiny_opt(), calibration_ids(nsamples=6)
+    config = PruneConfig(method="wanda", calib_batch_size=2)
+    made = plan_module.plan(model, config, ids)
+    with pytest.raises(ValueError, match="another model"):
+        pruning.prune_model(tiny_opt(), ids, config, plan=made)
+    with pytest.raises(ValueError, match="calibration_ids of shape"):
+        pruning.prune_model(model, calibration_ids(nsamples=6, seqlen=32), config, plan=made)
+    config.sparsity_type = "2:4"  # edited after planning: the plan keeps the config it checked
+    with pytest.raises(ValueError, match="another PruneConfig"):
+        pruning.prune_model(model, ids, config, plan=made)
+    assert all(not torch.any(p == 0) for n, p in model.named_parameters() if "layers" in n and n.endswith("weight"))
+
+
+def test_option_errors_quote_the_values_they_show():
+    for method in ("{0}", "{a.b}", "wan{da"):
+        with pytest.raises(ValueError) as caught:
+            PruneConfig(method=method)
+        assert repr(method) in str(caught.value)
+
+
+def test_the_cgroup_room_does_not_count_reclaimable_page_cache(tmp_path, monkeypatch):
+    from pruning import memory
+
+    (tmp_path / "max").write_text(str(16 << 30))
+    (tmp_path / "current").write_text(str(7 << 30))
+    (tmp_path / "stat").write_text(f"anon {1 << 30}\ninactive_file {6 << 30}\n")
+    monkeypatch.setattr(memory, "CGROUP_FILES", ((str(tmp_path / "max"), str(tmp_path / "current"),
+                                                  str(tmp_path / "stat"), "inactive_file"),))  # fmt: skip
+    assert memory._cgroup_room() == 15 << 30
+    (tmp_path / "max").write_text("max")
+    assert memory._cgroup_room() is None

@@ -7,6 +7,8 @@ POSIX only (``fcntl``); elsewhere the lock is a no-op and the rest still applies
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import logging
 import os
 import shutil
@@ -15,9 +17,15 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from pruning import checksums
+
 log = logging.getLogger("pruning")
 
-HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Every signal whose default would end the process and that can be caught (SIGKILL cannot).
+HELD_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGXCPU")
+    if hasattr(signal, name)
+)  # fmt: skip
 
 
 def fsync_path(path: Path) -> None:
@@ -59,9 +67,9 @@ def chmod_tree_to_umask(directory: Path) -> None:
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM that arrive inside the block are held and delivered when it ends, so a rename swap
-    is never cut in half by Ctrl-C or a scheduler. Only the main thread receives signals: elsewhere nothing
-    is held (and nothing needs to be)."""
+    """Signals that arrive inside the block (SIGINT, SIGTERM, SIGHUP, ...) are held, and the first is delivered
+    when it ends, so a rename swap is never cut in half by Ctrl-C, a scheduler or a dropped terminal. Only the main
+    thread receives signals: elsewhere nothing is held (and nothing needs to be)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -100,6 +108,17 @@ def target_locked(target: Path, what: str = "--save_model") -> Iterator[None]:
                 f"{what} {str(target)!r} is being written by another run (it holds {str(path)!r}); wait for that "
                 "run to finish or choose another directory"
             ) from None
+        except OSError as err:  # a filesystem without locks (Lustre without -o flock, some FUSE/CIFS mounts)
+            if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                os.close(descriptor)
+                raise
+            os.close(descriptor)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            log.warning("cannot lock %s on this filesystem (%s): two runs into it would not be kept apart", path,
+                        err.strerror)  # fmt: skip
+            yield
+            return
         try:  # the file may have been removed by the run that held it just before: lock the one at the path
             same = os.fstat(descriptor).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -117,27 +136,54 @@ def target_locked(target: Path, what: str = "--save_model") -> Iterator[None]:
 
 def staging_siblings(target: Path) -> tuple[list[Path], list[Path]]:
     """(new models being written, previous models being replaced) that runs into ``target`` left beside it."""
-    parent = target.parent
-    partial = sorted(parent.glob(f".{target.name}.partial-*"))
-    old = sorted(parent.glob(f".{target.name}.old-*"))
-    return partial, old
+    name = glob.escape(target.name)
+    return sorted(target.parent.glob(f".{name}.partial-*")), sorted(target.parent.glob(f".{name}.old-*"))
 
 
-def clear_stale_staging(target: Path) -> None:
+def remove(path: Path) -> None:
+    """A directory tree, or the link itself when ``path`` is a symlink."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+
+
+def keep_visible(staging: Path, target: Path) -> Path:
+    """A finished model that cannot go to ``target`` gets a visible name of its own (never cleared as stale)."""
+    kept = target.with_name(f"{target.name}.pruned-{staging.name.rsplit('-', 1)[-1]}")
+    staging.rename(kept)
+    return kept
+
+
+def clear_stale_staging(target: Path) -> list[str]:
     """Call with the target's lock held: no other run is writing, so what is beside ``target`` was left by a killed
     one. With ``target`` in place, those are an unfinished new model or a replaced one whose removal was cut
-    short: removed, and named in the log. Without it, a run was killed between the renames of a swap (a kill -9 or
-    power loss; signals are held there): they may be the only copies, so they are named, never removed."""
+    short: removed. Without it, a run was killed between the two renames of a swap (a kill -9 or a power loss:
+    signals are held there): the previous model is put back at ``target``, and a new one that verifies complete
+    (its checksums) is kept under a visible name. Returns what was done, one sentence each (also logged)."""
     partial, old = staging_siblings(target)
-    if not partial and not old:
-        return
-    if target.exists():
-        for path in partial + old:
-            shutil.rmtree(path, ignore_errors=True)
-        log.warning("removed what a killed run left beside %s: %s", target, ", ".join(p.name for p in partial + old))
-        return
-    log.warning(
-        "%s is missing, and a run killed while replacing it left %s (its previous model) and %s (the new one, "
-        "possibly incomplete): move the one you want to %s",
-        target, ", ".join(map(str, old)) or "nothing", ", ".join(map(str, partial)) or "nothing", target,
-    )  # fmt: skip
+    done = []
+    if not target.exists() and old:
+        newest = max(old, key=lambda p: p.lstat().st_mtime)
+        newest.rename(target)
+        fsync_path(target.parent)
+        old.remove(newest)
+        done.append(f"put the previous model back at {target} from {newest.name}, left by a run killed mid-swap")
+    if done or not target.exists():  # a killed run's new model that is complete may be the only copy of it
+        for path in list(partial):
+            if path.is_dir() and checksums.verify(path).ok:
+                kept = keep_visible(path, target)
+                partial.remove(path)
+                done.append(f"kept the complete new model of a killed run as {kept}")
+    removed = []
+    for path in partial + old:
+        try:
+            remove(path)
+            removed.append(path.name)
+        except OSError as err:
+            done.append(f"could not remove {path} ({err.strerror or err})")
+    if removed:
+        done.append(f"removed what a killed run left beside {target}: {', '.join(removed)}")
+    for sentence in done:
+        log.warning("%s", sentence)
+    return done

@@ -40,6 +40,11 @@ def check_save_model_dir(path: str, overwrite: bool) -> Path:
     """Refuse an existing ``--save_model`` without ``overwrite``, or one ``overwrite`` must not replace (the current
     directory, a directory that holds no saved model), and prove its parent is writable (creating it)."""
     target = Path(path).expanduser()
+    if target.is_symlink():
+        raise ValueError(
+            f"--save_model {str(target)!r} is a symbolic link; a save replaces the directory it names, not the "
+            f"link: pass the directory itself ({str(target.resolve())!r})"
+        )
     if target.exists() and not target.is_dir():
         raise ValueError(f"--save_model {str(target)!r} is a file, not a directory; choose another path")
     if target.exists() and not overwrite:
@@ -157,13 +162,6 @@ def _step(name: str) -> None:
     fault-injection tests replace, to interrupt a save at each step deterministically."""
 
 
-def _keep_visible(staging: Path, target: Path) -> Path:
-    """A finished model that cannot go to ``target`` gets a visible name of its own (never cleared as stale)."""
-    kept = target.with_name(f"{target.name}.pruned-{staging.name.rsplit('-', 1)[-1]}")
-    staging.rename(kept)
-    return kept
-
-
 def save_model_atomically(
     model, tokenizer, target: Path, overwrite: bool, save_format: str = "dense", on_saved=None
 ) -> Path:
@@ -190,16 +188,16 @@ def save_model_atomically(
         durable.chmod_tree_to_umask(staging)  # weights follow the umask like every other file
         durable.fsync_tree(staging)  # on disk before the rename that publishes it
         _step("synced")
+        if target.exists() and (not overwrite or not target.is_dir() or target.is_symlink()):
+            # Keep the new model: it may be hours of work. The user moves it where it belongs.
+            kept = durable.keep_visible(staging, target)
+            raise ValueError(
+                f"--save_model {str(target)!r} appeared during the run and is not replaced; the pruned model is in "
+                f"{str(kept)!r}"
+            )
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # nothing there once it was kept
         raise
-    if target.exists() and (not overwrite or not target.is_dir()):
-        # Keep the new model: it may be hours of work. The user moves it where it belongs.
-        kept = _keep_visible(staging, target)
-        raise ValueError(
-            f"--save_model {str(target)!r} appeared during the run and is not replaced; the pruned model is in "
-            f"{str(kept)!r}"
-        )
     with durable.signals_held():
         if not target.exists():
             staging.rename(target)
@@ -213,7 +211,7 @@ def save_model_atomically(
         try:
             target.rename(backup)
         except OSError as err:
-            kept = _keep_visible(staging, target)
+            kept = durable.keep_visible(staging, target)
             raise ValueError(
                 f"--save_model {str(target)!r} could not be replaced ({err.strerror or err}); "
                 f"the pruned model is in {str(kept)!r}"
@@ -221,14 +219,18 @@ def save_model_atomically(
         _step("moved_aside")
         try:
             staging.rename(target)
-        except BaseException:
-            backup.rename(target)  # put the previous model back
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        except OSError as err:
+            backup.rename(target)  # put the previous model back, and keep the new one where it can be found
+            kept = durable.keep_visible(staging, target)
+            raise ValueError(
+                f"--save_model {str(target)!r} could not be replaced ({err.strerror or err}); the previous model is "
+                f"back, and the pruned model is in {str(kept)!r}"
+            ) from None
         durable.fsync_path(target.parent)
         if on_saved is not None:
             on_saved(target)
         _step("swapped")
-        shutil.rmtree(backup, ignore_errors=True)
+        with contextlib.suppress(OSError):  # left over, the next run into the target removes it
+            durable.remove(backup)
         _step("cleaned")
     return target

@@ -74,7 +74,13 @@ def run_prune(args: argparse.Namespace) -> dict:
             if args.save_model:  # one run at a time into a target, from before loading to the end
                 target = Path(args.save_model).expanduser()
                 stack.enter_context(durable.target_locked(target))
+                existed = target.exists()
                 durable.clear_stale_staging(target)
+                if target.exists() and not existed and not args.overwrite:
+                    raise ValueError(
+                        f"--save_model {str(target)!r} held no model, and the previous one was put back from what an "
+                        "interrupted run left beside it; pass --overwrite to replace it, or choose another directory"
+                    )
             return _run(args, config, started, kept)
     except KeyboardInterrupt as interrupt:
         interrupt.saved = list(kept)  # type: ignore[attr-defined]

@@ -161,8 +161,13 @@ def _check_device_map(device_map: str | None, offload: bool) -> None:
             "--offload and --device_map place the model in two different ways: --offload keeps it in CPU RAM and "
             "streams one layer at a time to the GPU, --device_map lets accelerate place it; pass one of the two"
         )
-    if device_map in DEVICE_MAP_STRATEGIES or device_map in ("cpu", "disk", "meta"):
+    if device_map in DEVICE_MAP_STRATEGIES or device_map == "cpu":
         return
+    if device_map in ("disk", "meta"):
+        raise ValueError(
+            f"--device_map {device_map} would leave every decoder layer without weights to run; use --offload to keep "
+            "the model in CPU RAM and stream one layer at a time to the GPU"
+        )
     name = f"cuda:{device_map}" if device_map.isdigit() else device_map
     try:
         device = torch.device(name)
@@ -193,6 +198,12 @@ def _check_combinations(args: argparse.Namespace) -> None:
             "--true_sequential orders the calibration passes, and magnitude pruning has none; "
             "drop --true_sequential or use --prune_method wanda or sparsegpt"
         )
+    if args.true_sequential and args.sparsity_ratio == 0:
+        raise ValueError("--true_sequential has nothing to order at --sparsity_ratio 0 (nothing is pruned); drop one")
+    if args.overwrite and not args.save_model:
+        raise ValueError("--overwrite replaces a --save_model directory, and none is given; drop --overwrite")
+    if args.zero_shot_include_path and not args.eval_zero_shot:
+        raise ValueError("--zero_shot_include_path adds tasks for --eval_zero_shot, which is not given; add it")
 
 
 def _check_zero_shot_tasks(tasks: str, include_path: str | None) -> None:

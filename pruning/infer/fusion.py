@@ -115,6 +115,7 @@ def fuse_small_ops_(model: nn.Module, backend: str = "auto") -> dict[str, int]:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, FusedRMSNorm):
+                child.backend = backend  # fused again: the backend asked for now
                 counts["rms_norm"] += 1
             elif type(child).__name__.endswith("RMSNorm") and hasattr(child, "variance_epsilon"):
                 setattr(parent, name, FusedRMSNorm(child.weight, child.variance_epsilon, backend))
@@ -125,11 +126,13 @@ def fuse_small_ops_(model: nn.Module, backend: str = "auto") -> dict[str, int]:
         if is_attention and hasattr(modeling, "apply_rotary_pos_emb"):
             _install_rotary_dispatch(modeling)
             forward = module.forward
-            if not (isinstance(forward, functools.partial) and forward.func is _fused_rotary_forward):
-                module.forward = functools.partial(_fused_rotary_forward, forward, backend)
+            if isinstance(forward, functools.partial) and forward.func is _fused_rotary_forward:
+                forward = forward.args[0]  # fused before: keep the original forward, take the new backend
+            module.forward = functools.partial(_fused_rotary_forward, forward, backend)
             counts["rotary"] += 1
         if _is_silu_gated_mlp(module):
-            if not isinstance(module.forward, functools.partial):
+            forward = module.forward
+            if not isinstance(forward, functools.partial) or forward.func is _gated_mlp_forward:
                 module.forward = functools.partial(_gated_mlp_forward, module, backend)
             counts["silu_mul"] += 1
     for layer in LLAMA.layers(model):
