@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -204,6 +205,22 @@ def _tensor_dtypes(directory: Path) -> dict[str, str]:
         return {}  # damaged: from_pretrained names the problem
 
 
+TORCH_FLOATS = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+
+
+def _bin_dtypes(model: nn.Module, directory: Path) -> dict[str, str]:
+    """{tensor: dtype} of the pytorch_model*.bin files (memory-mapped, weights only), in safetensors' spelling."""
+    dtypes = {}
+    for path in sorted(directory.glob("pytorch_model*.bin")):
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError):
+            continue  # from_pretrained read it; a second look that fails proves nothing
+        dtypes.update({k: TORCH_FLOATS.get(v.dtype, str(v.dtype).removeprefix("torch.").upper())
+                       for k, v in state.items() if isinstance(v, torch.Tensor)})  # fmt: skip
+    return dtypes
+
+
 def _check_floating(name: str, dtypes: dict[str, str]) -> None:
     """transformers would cast integer tensors to the model's dtype without a word: refuse them."""
     bad = sorted(f"{key} ({dtype})" for key, dtype in dtypes.items() if dtype not in FLOAT_DTYPES)
@@ -320,6 +337,11 @@ def load_model(
             raise _not_found(name, cache_dir, err, "local_files_only" in kwargs) from None
         except torch.OutOfMemoryError:
             raise
+        except pickle.UnpicklingError as err:  # torch's weights-only loader refused a pickled object
+            raise ValueError(
+                f"cannot load model {name!r}: its pytorch_model.bin holds objects other than tensors, which torch's "
+                f"safe loader refuses ({_first_line(err)[:80]}...); convert it to safetensors where it is trusted"
+            ) from None
         except _config_errors() as err:
             raise _malformed_config(name, err) from None
         except (RuntimeError, *_safetensors_errors()) as err:  # a truncated file; weights that do not fit config.json
@@ -328,6 +350,8 @@ def load_model(
                 "incomplete (an interrupted download or copy) or not match its config.json: fetch or save it again"
             ) from err
         check_loading_report(name, report)
+        if Path(source).is_dir() and not any(Path(source).glob("*.safetensors")):
+            _check_floating(name, _bin_dtypes(model, Path(source)))
         if "gguf_file" in kwargs:
             model = _plain_model(model, torch_dtype)
     model.eval()

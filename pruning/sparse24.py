@@ -170,7 +170,13 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu", verify: bo
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name in spec["modules"]:
-        linear = model.get_submodule(name)
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"{name}, stored 2:4-compressed, is not in the model its config.json describes: the checkpoint does "
+                "not match its config.json"
+            ) from None
         parent_name, _, child = name.rpartition(".")
         sparse = Sparse24Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype, "meta")
         setattr(model.get_submodule(parent_name), child, sparse)

@@ -161,3 +161,46 @@ def test_a_relabelled_sparse24_dtype_is_refused(tensor, dtype, tmp_path, capsys)
     name = f"model.decoder.layers.0.{tensor}"
     rewrite_weights(directory, lambda state: state.__setitem__(name, state[name].to(dtype)))
     assert_refused(directory, tmp_path, capsys, name, "the checkpoint is damaged")
+
+
+def bin_checkpoint(directory: Path, edit) -> Path:
+    """A pytorch_model.bin checkpoint (the format before safetensors), edited before it is written."""
+    directory = saved("opt", directory)
+    state = load_file(str(directory / "model.safetensors"))
+    (directory / "model.safetensors").unlink()
+    edit(state)
+    torch.save(state, directory / "pytorch_model.bin")
+    return directory
+
+
+def test_integer_weights_in_a_bin_checkpoint_are_refused(tmp_path, capsys):
+    name = "model.decoder.layers.0.fc2.weight"
+    directory = bin_checkpoint(tmp_path / "m", lambda s: s.__setitem__(name, (s[name] * 100).to(torch.int8)))
+    assert_refused(directory, tmp_path, capsys, "must be floating point", f"{name} (INT8)")
+
+
+def test_a_bin_checkpoint_with_pickled_objects_is_one_line(tmp_path, capsys):
+    directory = bin_checkpoint(tmp_path / "m", lambda s: s.__setitem__("extra", {"a": object()}))
+    assert_refused(directory, tmp_path, capsys, "safe loader refuses")
+
+
+def test_a_good_bin_checkpoint_still_loads(tmp_path):
+    directory = bin_checkpoint(tmp_path / "m", lambda s: None)
+    model = load_model(str(directory), dtype="float32")
+    assert model.model.decoder.layers[0].fc2.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("save_format", ["dense", "sparse24"])
+def test_a_config_with_fewer_layers_than_the_weights_is_refused(save_format, tmp_path, capsys):
+    model = tiny("opt")
+    pruning.prune_model(model, None, "magnitude", 0.5, "2:4")
+    directory = tmp_path / "m"
+    if save_format == "dense":
+        model.save_pretrained(directory)
+        byte_level_tokenizer().save_pretrained(directory)
+    else:
+        save_sparse(model, byte_level_tokenizer(), directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (directory / "config.json").write_text(json.dumps(config))
+    assert_refused(directory, tmp_path, capsys, "model.decoder.layers.1.", "match its config.json")
