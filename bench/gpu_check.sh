@@ -9,7 +9,8 @@
 #   3. 2:4 inference, quick: per-Linear at M = 1, 16, 2048, 8192, then OPT-13B prefill and decode (issue 4);
 #   4. Wanda on OPT-6.7B, then the mask kernels on real shapes, against locuslab/wanda's code path;
 #   5. SparseGPT on OPT-6.7B, ours only (issue 5: <= 45 s);
-#   6. the rest of 2:4 inference: OPT-6.7B and LLaMA-7B, and the other per-Linear sizes;
+#   6. the rest of 2:4 inference: OPT-6.7B and LLaMA-7B, and the other per-Linear sizes, then the quality
+#      table on SmolLM2-135M by the published protocol where its model folder is present (SMOLLM2_DIR);
 #   7. all the kernel tests (2:4 GEMV and its every candidate, decode fusion) on the GPU, if time is left
 #      (GPU_CHECK_ALL_TESTS=1 adds tests/test_kernels.py).
 # With arguments, step 1 and then one `python -m bench ARGS` (e.g. `kernels e2e`, `--e2e-run all`).
@@ -109,6 +110,15 @@ main() {
             --e2e-run opt-6.7b:sparsegpt:unstructured --no-reference
         step "bench: 2:4 inference, the rest" 240 0 "0" "${bench[@]}" inference \
             --inference-models opt-6.7b,llama-7b --linear-tokens 4,8,32,128
+        # Quality on a real model by the published protocol (128x2048 calibration, the whole test set). The GPU
+        # machine has no network: it runs only where SmolLM2's plain folder was put (SMOLLM2_DIR or the cache).
+        local smollm2="${SMOLLM2_DIR:-${WANDA_CACHE:-$HOME/.cache/wanda-kernels}/SmolLM2-135M-Instruct-fp32}"
+        if [[ -f "$smollm2/config.json" ]]; then
+            step "bench: quality, SmolLM2-135M, published protocol" 200 0 "0" "$PY" -m bench.quality \
+                --model "$smollm2" --out "$OUT_DIR/quality.jsonl"
+        else
+            echo "=== SKIPPED quality on SmolLM2-135M: no model folder at $smollm2 (set SMOLLM2_DIR)"
+        fi
     fi
     if ((have_pytest)); then
         kernel_tests=(tests/test_sparse24_kernels.py tests/test_fusion.py)

@@ -1,0 +1,166 @@
+"""Pruning quality on a real model: WikiText-2 perplexity of SmolLM2-135M, dense and pruned, through one harness.
+
+    python -m bench.quality [--nsamples N] [--seqlen L] [--eval-windows W|all] [--ablations] [--out FILE]
+
+Protocol (SparseGPT / Wanda): the evaluation text is ``"\\n\\n".join(wikitext-2-raw-v1 test)`` tokenized once
+and cut into disjoint windows of ``seqlen`` (``--eval-windows``: the first W of them); calibration is ``nsamples``
+random windows (seed 0) of WikiText-2 *validation* text, so no evaluated token is also a calibration token.
+Every method sees the same calibration ids and the same evaluation windows; each record holds the measured
+sparsity and the settings. The published protocol is 128x2048 calibration and the whole test set
+(``bench/gpu_check.sh`` runs it where a GPU is); on CPU a smaller calibration and the first windows are used,
+and the README says which. Records append to bench/results/ one by one, so a run that is cut off keeps them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import time
+from pathlib import Path
+
+import torch
+
+from bench.records import RESULTS_DIR, environment, write_jsonl
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+EVAL_TEXT = SHARED_DATA / "wikitext2" / "wiki.test.raw.joined.txt"
+CALIBRATION_TEXT = SHARED_DATA / "wikitext2" / "wiki.valid.tokens"
+METHODS = ("magnitude", "wanda", "sparsegpt")
+SETTINGS = [(0.5, "unstructured"), (0.5, "2:4"), (0.5, "4:8"), (0.6, "unstructured"), (0.7, "unstructured")]
+# locuslab/wanda's ablations: SparseGPT's weight update with the mask chosen by Wanda's or the magnitude metric
+ABLATIONS = ("ablate_mag_seq", "ablate_wanda_seq", "ablate_mag_iter", "ablate_wanda_iter")
+ABLATION_SETTINGS = [(0.5, "unstructured"), (0.5, "2:4")]
+
+
+def configs(ablations: bool) -> list[tuple[str, float, str]]:
+    """(method, sparsity ratio, sparsity type), the main table first, grouped by setting."""
+    main = [(method, ratio, kind) for ratio, kind in SETTINGS for method in METHODS]
+    extra = [(method, ratio, kind) for ratio, kind in ABLATION_SETTINGS for method in ABLATIONS]
+    return main + (extra if ablations else [])
+
+
+def run(
+    model_dir: Path,
+    out: Path,
+    nsamples: int,
+    seqlen: int,
+    eval_windows: int | None,
+    todo: list[tuple[str, float, str]],
+    eval_text: Path = EVAL_TEXT,
+    calibration_text: Path = CALIBRATION_TEXT,
+) -> list[dict]:
+    import pruning
+    from pruning.data import get_calibration_ids, get_eval_ids
+    from pruning.evaluate import perplexity
+    from pruning.loading import load_model, load_tokenizer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = "float16" if device.type == "cuda" else "float32"
+    dense = load_model(str(model_dir), dtype=dtype).to(device)
+    tokenizer = load_tokenizer(str(model_dir))
+    eval_ids = get_eval_ids(str(eval_text), tokenizer)
+    available = eval_ids.shape[1] // seqlen
+    windows = available if eval_windows is None else min(eval_windows, available)
+    eval_ids = eval_ids[:, : windows * seqlen]
+    calibration_ids = get_calibration_ids(str(calibration_text), tokenizer, nsamples, seqlen, seed=0)
+    common = {
+        "suite": "quality", "model": model_dir.name, "dtype": dtype, "seqlen": seqlen, "nsamples": nsamples,
+        "calibration": f"{calibration_text.name}, {nsamples} random windows, seed 0", "evaluation": eval_text.name,
+        "eval_windows": windows, "eval_windows_available": available, "eval_tokens": int(eval_ids.shape[1]),
+        "date": dt.date.today().isoformat(), **environment(device),
+    }  # fmt: skip
+    import transformers
+
+    common["transformers"] = transformers.__version__
+
+    def measure(model) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        ppl = perplexity(model, eval_ids, seqlen, batch_size=1 if device.type == "cpu" else 8, progress=False)
+        return ppl, time.perf_counter() - t0
+
+    records = []
+
+    def keep(record: dict) -> None:
+        records.append(record)
+        write_jsonl([record], out)
+        print(format_row(record), flush=True)
+
+    ppl, eval_seconds = measure(dense)
+    keep({**common, "method": "dense", "sparsity_type": "-", "sparsity_ratio": 0.0, "sparsity": 0.0, "ppl": ppl,
+          "prune_seconds": 0.0, "eval_seconds": eval_seconds})  # fmt: skip
+    for method, ratio, kind in todo:
+        model = copy.deepcopy(dense)
+        t0 = time.perf_counter()
+        report = pruning.prune_model(model, calibration_ids, method, ratio, kind)
+        prune_seconds = time.perf_counter() - t0
+        ppl, eval_seconds = measure(model)
+        keep({**common, "method": method, "sparsity_type": kind, "sparsity_ratio": ratio,
+              "sparsity": report.actual_sparsity, "ppl": ppl, "prune_seconds": prune_seconds,
+              "eval_seconds": eval_seconds, "backend": report.backend})  # fmt: skip
+        del model
+    return records
+
+
+def setting_label(record: dict) -> str:
+    if record["method"] == "dense":
+        return "dense"
+    kind = record["sparsity_type"]
+    return kind if kind != "unstructured" else f"{round(record['sparsity_ratio'] * 100)}%"
+
+
+def format_row(record: dict) -> str:
+    return (f"{record['method']:18s} {setting_label(record):6s} sparsity {record['sparsity']:.4f}  "
+            f"ppl {record['ppl']:10.3f}  prune {record['prune_seconds']:7.1f} s")  # fmt: skip
+
+
+def format_table(records: list[dict]) -> str:
+    """Markdown: a row per method, a column per setting; each cell the perplexity (measured sparsity)."""
+    columns = ["50%", "2:4", "4:8", "60%", "70%"]
+    dense = next((r for r in records if r["method"] == "dense"), None)
+    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    if dense:
+        lines.append(f"| dense | {dense['ppl']:.2f} (0%) |" + " |" * (len(columns) - 1))
+    methods = list(dict.fromkeys(r["method"] for r in records if r["method"] != "dense"))
+    for method in methods:
+        cells = {setting_label(r): r for r in records if r["method"] == method}
+        row = [f"{cells[c]['ppl']:.2f} ({100 * cells[c]['sparsity']:.1f}%)" if c in cells else "" for c in columns]
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pruning.smollm2 import Unavailable, smollm2_model_dir
+
+    parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None, help="model folder (default: SmolLM2-135M, fetched)")
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--eval-windows", default="all", help="the first W test windows, or 'all'")
+    parser.add_argument("--ablations", action="store_true", help="also Wanda's ablate_* methods")
+    parser.add_argument("--only", default=None, help="comma-separated methods to run (default: all)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON-lines file (default: bench/results/)")
+    args = parser.parse_args(argv)
+    for path in (EVAL_TEXT, CALIBRATION_TEXT):
+        if not path.is_file():
+            print(f"{path} not found (../shared/data/wikitext2); nothing to measure")
+            return 2
+    try:
+        model_dir = args.model or smollm2_model_dir()
+    except Unavailable as err:
+        print(f"SmolLM2-135M is not available here: {err}")
+        return 2
+    windows = None if args.eval_windows == "all" else int(args.eval_windows)
+    todo = configs(args.ablations)
+    if args.only:
+        todo = [c for c in todo if c[0] in args.only.split(",")]
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    out = args.out or RESULTS_DIR / f"{dt.date.today().isoformat()}_quality-{model_dir.name.lower()}-{device}.jsonl"
+    records = run(model_dir, out, args.nsamples, args.seqlen, windows, todo)
+    print("\n" + format_table(records))
+    print(f"\n{len(records)} records appended to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

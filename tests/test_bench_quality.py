@@ -1,0 +1,49 @@
+"""The quality harness (``bench.quality``) on a tiny random Llama: one calibration set and one set of evaluation
+windows for every method, records as they are measured, the measured sparsity in each, and its table."""
+
+from __future__ import annotations
+
+import torch
+
+from bench import quality
+from bench.records import read_jsonl
+from pruning.tokenizers import byte_level_tokenizer
+
+
+def test_every_method_is_measured_on_the_same_ids_and_recorded(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = byte_level_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    model_dir = tmp_path / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    eval_text, calibration_text = tmp_path / "eval.txt", tmp_path / "calib.txt"
+    eval_text.write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+    calibration_text.write_text("Pack my box with five dozen liquor jugs. " * 20, encoding="utf-8")
+    out = tmp_path / "quality.jsonl"
+    todo = [("magnitude", 0.5, "unstructured"), ("wanda", 0.5, "2:4"), ("sparsegpt", 0.6, "unstructured")]
+
+    records = quality.run(model_dir, out, nsamples=2, seqlen=32, eval_windows=3, todo=todo,
+                          eval_text=eval_text, calibration_text=calibration_text)  # fmt: skip
+
+    assert read_jsonl(out) == records
+    assert [(r["method"], r["sparsity_ratio"], r["sparsity_type"]) for r in records] == [("dense", 0.0, "-"), *todo]
+    assert len({(r["calibration"], r["eval_tokens"], r["eval_windows"]) for r in records}) == 1
+    assert records[0]["eval_windows"] == 3 and records[0]["eval_tokens"] == 96
+    for record, (_, ratio, _) in zip(records[1:], todo, strict=True):
+        assert abs(record["sparsity"] - ratio) < 0.02 and record["ppl"] > 0
+    table = quality.format_table(records).splitlines()
+    assert table[0] == "| method | 50% | 2:4 | 4:8 | 60% | 70% |"
+    assert table[2].startswith(f"| dense | {records[0]['ppl']:.2f} (0%) |")
+    assert table[4] == f"| wanda |  | {records[2]['ppl']:.2f} (50.0%) |  |  |  |"
+
+
+def test_the_main_table_covers_every_method_and_setting_the_issue_names():
+    main = quality.configs(ablations=False)
+    assert {m for m, *_ in main} == {"magnitude", "wanda", "sparsegpt"}
+    assert {(r, k) for _, r, k in main} == {(0.5, "unstructured"), (0.5, "2:4"), (0.5, "4:8"), (0.6, "unstructured"),
+                                             (0.7, "unstructured")}  # fmt: skip
+    assert len(quality.configs(ablations=True)) == len(main) + 8
