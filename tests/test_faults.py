@@ -42,6 +42,21 @@ def tiny_opt(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture(autouse=True)
+def signals_not_ignored():
+    """A shell's background job (`cmd &`, `nohup`) starts with SIGINT, SIGQUIT or SIGHUP ignored, and the CLI rightly
+    keeps such a choice; these tests deliver those signals, so they run with the default dispositions."""
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGQUIT: signal.SIG_DFL}
+    defaults[signal.SIGHUP] = signal.SIG_DFL
+    previous = {sig: signal.getsignal(sig) for sig in defaults}
+    for sig, handler in defaults.items():
+        if previous[sig] == signal.SIG_IGN:
+            signal.signal(sig, handler)
+    yield
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 def argv(model: Path, target: Path, *extra: str, ratio: str = "0.5", kind: str = "unstructured") -> list[str]:
     return [
         "--model", str(model), "--prune_method", "magnitude", "--sparsity_ratio", ratio, "--sparsity_type", kind,
