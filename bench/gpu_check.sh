@@ -93,9 +93,11 @@ main() {
         echo "=== no test file has gpu-marked tests"
     fi
     if ((have_pytest)); then
-        # The 2:4 GEMV and the decode kernels compiled for this GPU (every autotuning candidate: the last step).
-        step "kernel tests on the GPU, quick" 60 0 "0" "$PY" -m pytest -q -p no:cacheprovider \
-            tests/test_sparse24_kernels.py tests/test_fusion.py -k "not every_gpu_candidate and not fused_"
+        # The 2:4 GEMV, the decode kernels and the tile kernels compiled for this GPU (every autotuning candidate:
+        # the last step).
+        step "kernel tests on the GPU, quick" 75 0 "0" "$PY" -m pytest -q -p no:cacheprovider \
+            tests/test_sparse24_kernels.py tests/test_fusion.py tests/test_tier_kernels.py \
+            -k "not every_gpu_candidate and not fused_"
     fi
 
     local bench=("$PY" -m bench --out "$OUT_DIR/bench.jsonl")

@@ -1,6 +1,6 @@
 """Pruning quality on a real model: WikiText-2 perplexity of SmolLM2-135M, dense and pruned, through one harness.
 
-    python -m bench.quality [--nsamples N] [--seqlen L] [--eval-windows W|all] [--ablations] [--out FILE]
+    python -m bench.quality [--nsamples N] [--seqlen L] [--eval-windows W|all] [--ablations] [--tiers] [--out FILE]
 
 Protocol (SparseGPT / Wanda): the evaluation text is ``"\\n\\n".join(wikitext-2-raw-v1 test)`` tokenized once
 and cut into disjoint windows of ``seqlen`` (``--eval-windows``: the first W of them); calibration is ``nsamples``
@@ -31,13 +31,42 @@ SETTINGS = [(0.5, "unstructured"), (0.5, "2:4"), (0.5, "4:8"), (0.6, "unstructur
 # locuslab/wanda's ablations: SparseGPT's weight update with the mask chosen by Wanda's or the magnitude metric
 ABLATIONS = ("ablate_mag_seq", "ablate_wanda_seq", "ablate_mag_iter", "ablate_wanda_iter")
 ABLATION_SETTINGS = [(0.5, "unstructured"), (0.5, "2:4")]
+# Tile pruning (Jiajun-Ji/wanda's shipped setting) and each balanced ingredient; unstructured at the fork's
+# measured sparsity ("matched"); OWL against uniform at 60% and 70%.
+FORK_TIERS = {"block_size": 16, "top_dense_ratio": 0.35, "mid_2_4_ratio": 0.45, "bottom_topk_ratio": 0.2,
+              "topk_per_block": 15}  # fmt: skip
+MATCHED = "matched"  # a sparsity ratio resolved to the fork three_tier run's measured sparsity
+TIER_CONFIGS = [
+    *[("wanda", 0.0, "three_tier", {**FORK_TIERS, "tier_selection": s})
+      for s in ("fork", "metric", "bands", "obs", "metric+bands", "balanced", "cost", "metric+bands+cost",
+                "metric+bands+cost+obs")],
+    ("wanda", 0.0, "hybrid_2_4", {}),
+    ("wanda", MATCHED, "unstructured", {}),
+    ("sparsegpt", MATCHED, "unstructured", {}),
+    ("wanda", 0.5, "2:4", {}),
+    *[(method, ratio, "unstructured", {"allocation": allocation})
+      for method in ("wanda", "sparsegpt") for ratio in (0.6, 0.7) for allocation in ("uniform", "owl")],
+    *[("wanda", 0.0, "three_tier", {**FORK_TIERS, "tier_selection": s, "allocation": "owl"})
+      for s in ("fork", "balanced")],
+]  # fmt: skip
 
 
-def configs(ablations: bool) -> list[tuple[str, float, str]]:
-    """(method, sparsity ratio, sparsity type), the main table first, grouped by setting."""
+def configs(ablations: bool, tiers: bool = False) -> list[tuple]:
+    """(method, sparsity ratio, sparsity type[, options]), the main table first, grouped by setting; ``tiers``:
+    only the tile pruning and OWL suite."""
+    if tiers:
+        return list(TIER_CONFIGS)
     main = [(method, ratio, kind) for ratio, kind in SETTINGS for method in METHODS]
     extra = [(method, ratio, kind) for ratio, kind in ABLATION_SETTINGS for method in ABLATIONS]
     return main + (extra if ablations else [])
+
+
+def label(method: str, kind: str, options: dict) -> str:
+    """A record's row name: the method, with its tile selection or its allocation."""
+    owl = " owl" if options.get("allocation") == "owl" else ""
+    if kind in ("three_tier", "hybrid_2_4"):
+        return f"{method} {kind}" + (f" {options['tier_selection']}" if "tier_selection" in options else "") + owl
+    return method + owl
 
 
 def run(
@@ -89,15 +118,30 @@ def run(
     ppl, eval_seconds = measure(dense)
     keep({**common, "method": "dense", "sparsity_type": "-", "sparsity_ratio": 0.0, "sparsity": 0.0, "ppl": ppl,
           "prune_seconds": 0.0, "eval_seconds": eval_seconds})  # fmt: skip
-    for method, ratio, kind in todo:
+    matched = None  # the fork three_tier run's measured sparsity, for the MATCHED rows
+    for method, ratio, kind, *rest in todo:
+        options = dict(rest[0]) if rest else {}
+        if ratio == MATCHED:
+            if matched is None:
+                raise ValueError("a 'matched' row needs the fork three_tier row before it")
+            ratio = round(matched, 4)
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
-        report = pruning.prune_model(model, calibration_ids, method, ratio, kind)
+        report = pruning.prune_model(model, calibration_ids, method, ratio, kind, **options)
         prune_seconds = time.perf_counter() - t0
         ppl, eval_seconds = measure(model)
-        keep({**common, "method": method, "sparsity_type": kind, "sparsity_ratio": ratio,
-              "sparsity": report.actual_sparsity, "ppl": ppl, "prune_seconds": prune_seconds,
-              "eval_seconds": eval_seconds, "backend": report.backend})  # fmt: skip
+        if kind == "three_tier" and options.get("tier_selection") == "fork" and "allocation" not in options:
+            matched = report.actual_sparsity
+        record = {**common, "method": method, "sparsity_type": kind, "sparsity_ratio": ratio,
+                  "sparsity": report.actual_sparsity, "ppl": ppl, "prune_seconds": prune_seconds,
+                  "eval_seconds": eval_seconds, "backend": report.backend}  # fmt: skip
+        if options:
+            record.update(label=label(method, kind, options), options=options)
+        if report.tiers is not None:
+            record["tiers"] = report.tiers
+        if report.allocation == "owl":
+            record["layer_sparsities"] = [layer.target_sparsity for layer in report.layers]
+        keep(record)
         del model
     return records
 
@@ -110,8 +154,22 @@ def setting_label(record: dict) -> str:
 
 
 def format_row(record: dict) -> str:
-    return (f"{record['method']:18s} {setting_label(record):6s} sparsity {record['sparsity']:.4f}  "
+    name = record.get("label", record["method"])
+    return (f"{name:32s} {setting_label(record):6s} sparsity {record['sparsity']:.4f}  "
             f"ppl {record['ppl']:10.3f}  prune {record['prune_seconds']:7.1f} s")  # fmt: skip
+
+
+def format_list(records: list[dict]) -> str:
+    """Markdown: one row per record, in run order (the tile and OWL suite)."""
+    lines = ["| run | measured sparsity | perplexity | tiles dense / 2:4 / top-k |", "|---|---|---|---|"]
+    for r in records:
+        name = r.get("label", r["method"]) + ("" if r["method"] == "dense" else f" ({setting_label(r)})")
+        if r["sparsity_type"] in ("three_tier", "hybrid_2_4"):
+            name = r.get("label", r["method"])
+        tiers = r.get("tiers")
+        cell = f"{tiers['dense']} / {tiers['2:4']} / {tiers['topk']}" if tiers else ""
+        lines.append(f"| {name} | {100 * r['sparsity']:.2f}% | {r['ppl']:.2f} | {cell} |")
+    return "\n".join(lines)
 
 
 def format_table(records: list[dict]) -> str:
@@ -121,9 +179,9 @@ def format_table(records: list[dict]) -> str:
     lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     if dense:
         lines.append(f"| dense | {dense['ppl']:.2f} (0%) |" + " |" * (len(columns) - 1))
-    methods = list(dict.fromkeys(r["method"] for r in records if r["method"] != "dense"))
+    methods = list(dict.fromkeys(r.get("label", r["method"]) for r in records if r["method"] != "dense"))
     for method in methods:
-        cells = {setting_label(r): r for r in records if r["method"] == method}
+        cells = {setting_label(r): r for r in records if r.get("label", r["method"]) == method}
         row = [f"{cells[c]['ppl']:.2f} ({100 * cells[c]['sparsity']:.1f}%)" if c in cells else "" for c in columns]
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -138,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--eval-windows", default="all", help="the first W test windows, or 'all'")
     parser.add_argument("--ablations", action="store_true", help="also Wanda's ablate_* methods")
+    parser.add_argument("--tiers", action="store_true", help="the tile pruning and OWL suite instead of the table")
     parser.add_argument("--only", default=None, help="comma-separated methods to run (default: all)")
     parser.add_argument("--out", type=Path, default=None, help="JSON-lines file (default: bench/results/)")
     args = parser.parse_args(argv)
@@ -151,13 +210,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SmolLM2-135M is not available here: {err}")
         return 2
     windows = None if args.eval_windows == "all" else int(args.eval_windows)
-    todo = configs(args.ablations)
+    todo = configs(args.ablations, args.tiers)
     if args.only:
         todo = [c for c in todo if c[0] in args.only.split(",")]
     device = "gpu" if torch.cuda.is_available() else "cpu"
     out = args.out or RESULTS_DIR / f"{dt.date.today().isoformat()}_quality-{model_dir.name.lower()}-{device}.jsonl"
     records = run(model_dir, out, args.nsamples, args.seqlen, windows, todo)
-    print("\n" + format_table(records))
+    print("\n" + (format_list(records) if args.tiers else format_table(records)))
     print(f"\n{len(records)} records appended to {out}")
     return 0
 

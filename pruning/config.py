@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, fields
 
 from pruning.errors import OptionError, quote
+from pruning.methods.owl import ALLOCATIONS
+from pruning.methods.tiers import TIER_TYPES, TierSelection, expected_three_tier_sparsity
 from wanda_kernels.policy import BACKENDS
+from wanda_kernels.reference_tiers import MAX_BLOCK_SIZE
 
 METHODS = (
     "magnitude", "wanda", "sparsegpt",
@@ -16,12 +20,15 @@ METHODS = (
 
 
 def parse_sparsity_type(sparsity_type: str) -> tuple[int, int]:
-    """'unstructured' -> (0, 0); 'N:M' -> (N, M) with 0 < N < M."""
-    if sparsity_type == "unstructured":
+    """'unstructured' (and the tile types three_tier, hybrid_2_4) -> (0, 0); 'N:M' -> (N, M) with 0 < N < M."""
+    if sparsity_type == "unstructured" or sparsity_type in TIER_TYPES:
         return 0, 0
     match = re.fullmatch(r"(\d+):(\d+)", sparsity_type or "")
     if not match:
-        raise ValueError(f"sparsity_type must be 'unstructured' or 'N:M' such as '2:4' or '4:8', got {sparsity_type!r}")
+        raise ValueError(
+            f"sparsity_type must be 'unstructured', 'N:M' such as '2:4' or '4:8', 'three_tier' or 'hybrid_2_4'; "
+            f"got {sparsity_type!r}"
+        )
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
         raise ValueError(f"sparsity_type {sparsity_type!r} needs 0 < N < M")
@@ -39,6 +46,19 @@ class PruneConfig:
     calib_batch_size: int | None = None  # calibration samples per forward; None = from a memory budget
     blocksize: int = 128  # SparseGPT
     percdamp: float = 0.01  # SparseGPT
+    # Tile pruning (sparsity_type three_tier / hybrid_2_4; Jiajun-Ji/wanda's names and defaults)
+    block_size: int = 16
+    top_dense_ratio: float = 0.4
+    mid_2_4_ratio: float = 0.4
+    bottom_topk_ratio: float = 0.2
+    topk_per_block: int = 10
+    top_blocks_ratio: float = 0.6  # hybrid_2_4
+    score_threshold: float = 0.8  # hybrid_2_4
+    tier_selection: str = "fork"  # three_tier: fork, balanced, or ingredients joined by '+'
+    # Layer allocation (luuyin/OWL's names: Hyper_m, Lamda)
+    allocation: str = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -49,18 +69,100 @@ class PruneConfig:
             raise ValueError(f"sparsity_ratio must be a number in [0, 1), got {self.sparsity_ratio!r}")
         if not 0.0 <= self.sparsity_ratio < 1.0:
             raise ValueError(f"sparsity_ratio must be in [0, 1), got {self.sparsity_ratio}")
-        n, m = parse_sparsity_type(self.sparsity_type)
+        n, m = parse_sparsity_type(self.sparsity_type)  # ValueError naming the choices
         if m and abs(self.sparsity_ratio - n / m) > 1e-9:
             raise OptionError(
                 f"sparsity_type {self.sparsity_type} prunes exactly {n}/{m} = {n / m:g} of the weights; "
                 f"use {{sparsity_ratio}} {n / m:g} (got {self.sparsity_ratio})"
             )
-        if self.use_variant and (self.method != "wanda" or m):
+        if self.use_variant and (self.method != "wanda" or m or self.tiered):
             raise OptionError("{use_variant} is Wanda's unstructured variant: use it with {method} wanda, unstructured")
         if self.calib_batch_size is not None and self.calib_batch_size <= 0:
             raise ValueError(f"calib_batch_size must be positive, got {self.calib_batch_size}")
         if self.blocksize <= 0 or not 0 < self.percdamp:
             raise ValueError("SparseGPT needs blocksize > 0 and percdamp > 0")
+        self._check_tiers()
+        self._check_allocation()
+
+    def _check_tiers(self) -> None:
+        selection = TierSelection.parse(self.tier_selection)  # ValueError naming the choices
+        if not self.tiered:
+            return
+        if self.method not in ("wanda", "magnitude"):
+            raise OptionError(
+                f"{{sparsity_type}} {self.sparsity_type} ranks tiles by Wanda's metric or by |W|: use {{method}} wanda "
+                "or magnitude (SparseGPT's update is the 'obs' part of {tier_selection} balanced)"
+            )
+        if not (isinstance(self.block_size, int) and 1 <= self.block_size <= MAX_BLOCK_SIZE):
+            raise OptionError(f"{{block_size}} must be an integer in [1, {MAX_BLOCK_SIZE}], got {self.block_size!r}")
+        if isinstance(self.topk_per_block, bool) or not isinstance(self.topk_per_block, int) or self.topk_per_block < 1:
+            raise OptionError(f"{{topk_per_block}} must be a positive integer, got {self.topk_per_block!r}")
+        ratios = (self.top_dense_ratio, self.mid_2_4_ratio, self.bottom_topk_ratio)
+        if any(not _finite(r) or r < 0 for r in ratios) or sum(ratios) <= 0:
+            raise OptionError(
+                "{top_dense_ratio}, {mid_2_4_ratio} and {bottom_topk_ratio} must be non-negative with a positive sum "
+                f"(they are normalized to 1), got {', '.join(map(str, ratios))}"
+            )
+        if not (_finite(self.top_blocks_ratio) and 0 <= self.top_blocks_ratio <= 1):
+            raise OptionError(f"{{top_blocks_ratio}} must be in [0, 1], got {self.top_blocks_ratio}")
+        if not (_finite(self.score_threshold) and self.score_threshold >= 0):
+            raise OptionError(f"{{score_threshold}} must be a non-negative number, got {self.score_threshold}")
+        if self.tier_selection != "fork" and self.sparsity_type != "three_tier":
+            raise OptionError("{tier_selection} chooses three_tier's tiers; hybrid_2_4 runs as the fork does (fork)")
+        if self.method == "magnitude" and (selection.rank_by_metric or selection.obs_update):
+            raise OptionError(
+                f"{{tier_selection}} {self.tier_selection} needs calibration activations (metric, obs), which "
+                "magnitude does not use: use {method} wanda, or {tier_selection} bands"
+            )
+
+    def _check_allocation(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise OptionError(
+                f"{{allocation}} must be one of {', '.join(ALLOCATIONS)}, got {quote(repr(self.allocation))}"
+            )
+        if self.allocation == "uniform":
+            return
+        if self.method not in ("wanda", "magnitude", "sparsegpt"):
+            raise OptionError("{allocation} owl is for {method} wanda, magnitude or sparsegpt")
+        if self.sparsity_type not in ("unstructured", "three_tier"):
+            raise OptionError(
+                "{allocation} owl gives each layer its own sparsity, which N:M and hybrid_2_4 cannot take (2:4 "
+                "hardware needs exactly 2 of 4 in every layer): use {sparsity_type} unstructured or three_tier"
+            )
+        if self.sparsity_type == "unstructured" and self.sparsity_ratio <= 0:
+            raise OptionError("{allocation} owl spreads {sparsity_ratio} over the layers: give it a value above 0")
+        if not (_finite(self.owl_m) and self.owl_m > 0):
+            raise OptionError(f"{{owl_m}} must be a positive number (OWL's M, default 5), got {self.owl_m}")
+        if not (_finite(self.owl_lambda) and self.owl_lambda >= 0):
+            raise OptionError(f"{{owl_lambda}} must be a non-negative number (OWL's lambda), got {self.owl_lambda}")
+        if self.owl_mean_sparsity + 2 * self.owl_lambda >= 1:
+            raise OptionError(
+                f"{{owl_lambda}} {self.owl_lambda} lets a layer's sparsity reach the mean {self.owl_mean_sparsity:g} "
+                f"+ 2 * lambda = {self.owl_mean_sparsity + 2 * self.owl_lambda:g} >= 1: use a smaller {{owl_lambda}}"
+            )
+
+    @property
+    def owl_mean_sparsity(self) -> float:
+        """The mean sparsity OWL spreads over the layers: ``sparsity_ratio``, or three_tier's full-tile sparsity."""
+        if self.sparsity_type == "three_tier":
+            return expected_three_tier_sparsity(
+                self.block_size, self.top_dense_ratio, self.mid_2_4_ratio, self.bottom_topk_ratio, self.topk_per_block
+            )
+        return self.sparsity_ratio
+
+    @property
+    def tiered(self) -> bool:
+        """three_tier or hybrid_2_4: the tiers set the sparsity, and ``sparsity_ratio`` is not used."""
+        return self.sparsity_type in TIER_TYPES
+
+    @property
+    def prunes(self) -> bool:
+        """Whether anything is pruned: ``sparsity_ratio > 0``, or a tile type (whose tiers set the sparsity)."""
+        return self.tiered or self.sparsity_ratio > 0
+
+    @property
+    def selection(self) -> TierSelection:
+        return TierSelection.parse(self.tier_selection)
 
     @property
     def nm(self) -> tuple[int, int]:
@@ -68,8 +170,9 @@ class PruneConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether pruning reads activations: every method but magnitude, unless nothing is pruned."""
-        return self.method != "magnitude" and self.sparsity_ratio > 0
+        """Whether pruning reads activations: every method but magnitude (which does with OWL), unless nothing is
+        pruned."""
+        return (self.method != "magnitude" or self.allocation == "owl") and self.prunes
 
     @classmethod
     def from_options(cls, **options) -> PruneConfig:
@@ -78,3 +181,7 @@ class PruneConfig:
         if unknown:
             raise TypeError(f"unknown pruning option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**options)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -5,11 +5,13 @@
    shared by q/k/v, or LLaMA's gate/up, are accumulated once); prune every Linear from those statistics;
    recompute the layer's outputs with the pruned weights and feed them to the next layer.
    ``true_sequential``: one statistics pass per group, after the earlier groups are pruned.
-Magnitude needs no calibration and skips the forward passes.
+Magnitude needs no calibration and skips the forward passes. ``allocation="owl"`` first runs one pass over the
+dense model for each layer's sparsity (``pruning.allocation``); tile types prune by tiers (``methods.tiers``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -19,31 +21,25 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pruning.adapters import UnsupportedModelError
+from pruning.allocation import owl_outlier_ratios
 from pruning.config import PruneConfig
-from pruning.errors import OptionError
-from pruning.layerwise import (
-    LayerInputs,
-    StopForward,
-    capture_layer_inputs,
-    feed_layer,
-    run_layer,
-    with_smaller_batches_on_oom,
-)
+from pruning.layerwise import LayerInputs, capture_layer_inputs, run_layer, with_smaller_batches_on_oom
 from pruning.methods import (
-    accumulate_ablate_scaler_,
-    accumulate_hessian_,
-    kernel_ops,
     prune_ablate_,
     prune_magnitude_,
     prune_sparsegpt_,
     prune_wanda_,
     sparsegpt_inverse_hessian,
 )
+from pruning.methods.owl import owl_layer_sparsities
+from pruning.methods.tiers import TierCounts, hybrid_24_mask, prune_tiers_, three_tier_mask, three_tier_ratios_for
 from pruning.placement import compute_device_for, on_device
 from pruning.plan import PrunePlan
 from pruning.plan import plan as make_plan
 from pruning.sparsity import check_sparsity, linear_zero_counts
+from pruning.statistics import GroupStatistics, UnsupportedModelOptionError, collect_statistics, collected_for
+
+__all__ = ["LayerReport", "PruneReport", "UnsupportedModelOptionError", "as_config", "prune_model"]
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +48,10 @@ log = logging.getLogger(__name__)
 class LayerReport:
     index: int
     seconds: float
-    sparsity: float
+    sparsity: float  # measured
+    target_sparsity: float | None = None  # the ratio asked of this layer (OWL: its own); None for tile types
+    outlier_ratio: float | None = None  # OWL: percent of the dense layer's Wanda scores above owl_m * mean
+    tiers: dict[str, int] | None = None  # tile types: tiles per tier over the layer's Linears
 
 
 @dataclass
@@ -70,108 +69,50 @@ class PruneReport:
     peak_gpu_memory_bytes: int | None = None
     estimated_host_bytes: int = 0  # beyond the loaded model (pruning.plan.estimate_memory)
     estimated_device_bytes: int = 0
+    allocation: str = "uniform"
+    tiers: dict[str, int] | None = None  # tile types: tiles per tier over the model
     layers: list[LayerReport] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-class _GroupStatistics:
-    """Calibration statistics of one Linear group, fed by a forward hook on the group's first module."""
-
-    def __init__(self, method: str, n_features: int, device: torch.device, backend: str):
-        self.method = method
-        self.ops = kernel_ops(backend)
-        self.ablate_scaler = None
-        self.samples_in_batch = 0  # set per batch: a Linear may see its input flattened to [samples * T, C] (OPT)
-        self.inputs_seen = 0  # batches
-        if method == "wanda":
-            self.act_sq_norms = torch.zeros(n_features, dtype=torch.float32, device=device)
-        else:  # SparseGPT and Wanda's ablations of it
-            self.hessian = torch.zeros(n_features, n_features, dtype=torch.float32, device=device)
-            self.n_seen = 0
-            if method.startswith("ablate_wanda"):
-                self.ablate_scaler = torch.zeros(n_features, dtype=torch.float32, device=device)
-
-    def add(self, x: torch.Tensor) -> None:
-        self.inputs_seen += 1
-        if self.method == "wanda":
-            self.ops.accumulate_sq_norms_(self.act_sq_norms, x)
-            return
-        if x.ndim == 2 and self.samples_in_batch > 1:  # count samples as the reference does (one per sequence)
-            x = x.reshape(self.samples_in_batch, -1, x.shape[-1])
-        if self.ablate_scaler is not None:
-            accumulate_ablate_scaler_(self.ablate_scaler, x, self.n_seen)
-        self.n_seen = accumulate_hessian_(self.hessian, x, self.n_seen)
-
-
-class UnsupportedModelOptionError(UnsupportedModelError, OptionError):
-    """The model cannot be pruned as asked; another option value can."""
-
-
 MAX_TRITON_SPARSEGPT_BLOCK = 512  # the block kernel keeps a row tile of this many columns in registers
 
 
 def _prune_linear(
-    linear: nn.Linear, stats: _GroupStatistics | None, config: PruneConfig, backend: str, hinv=None
-) -> None:
+    linear: nn.Linear, stats: GroupStatistics | None, config: PruneConfig, backend: str, hinv=None
+) -> TierCounts | None:
+    """Prune one Linear in place by ``config``; the tiles per tier for tile types, else None."""
     n, m = config.nm
     weight = linear.weight.data
+    sparsegpt_backend = backend if config.blocksize <= MAX_TRITON_SPARSEGPT_BLOCK else "torch"
+    if config.tiered:
+        norms = stats.act_sq_norms if stats is not None else None
+        if config.sparsity_type == "three_tier":
+            mask, counts = three_tier_mask(
+                weight, norms, config.block_size, config.top_dense_ratio, config.mid_2_4_ratio,
+                config.bottom_topk_ratio, config.topk_per_block, config.selection, backend=backend,
+            )  # fmt: skip
+        else:
+            mask, counts = hybrid_24_mask(
+                weight, norms, config.block_size, config.topk_per_block, config.top_blocks_ratio,
+                config.score_threshold, backend=backend,
+            )  # fmt: skip
+        prune_tiers_(weight, mask, hinv, config.blocksize, backend=sparsegpt_backend)
+        return counts
     if config.method == "magnitude":
         prune_magnitude_(weight, config.sparsity_ratio, n, m, backend=backend)
     elif config.method == "wanda":
         prune_wanda_(weight, stats.act_sq_norms, config.sparsity_ratio, n, m, config.use_variant, backend=backend)
-    else:
-        sparsegpt_backend = backend if config.blocksize <= MAX_TRITON_SPARSEGPT_BLOCK else "torch"
-        if config.method == "sparsegpt":
-            prune_sparsegpt_(
-                weight, None, config.sparsity_ratio, n, m, config.blocksize, hinv=hinv, backend=sparsegpt_backend
-            )
-        else:
-            prune_ablate_(weight, config.method, hinv, stats.ablate_scaler, config.sparsity_ratio, n, m,
-                          config.blocksize, backend=sparsegpt_backend)  # fmt: skip
-
-
-def _collect_statistics(
-    layer: nn.Module, groups: list[list[str]], inputs: LayerInputs, config: PruneConfig, backend: str,
-    device: torch.device,
-) -> dict[str, _GroupStatistics]:  # fmt: skip
-    """One pass of the layer over every batch, with a hook on each group's first Linear; starts from zeros,
-    so a pass cut short (out of memory) is simply run again."""
-    modules = dict(layer.named_modules())
-    stats = {
-        group[0]: _GroupStatistics(config.method, modules[group[0]].in_features, device, backend) for group in groups
-    }
-    seen_in_batch: set[str] = set()
-
-    def collect(name: str, _module: nn.Module, args: tuple) -> None:
-        stats[name].add(args[0])
-        seen_in_batch.add(name)
-        # Once every group has its input, the rest of the layer (the last group's own GEMMs, e.g. fc2 /
-        # down_proj, a third of a layer's FLOPs) only feeds nothing. Counted, not "at the last group": a Linear
-        # the adapter does not list runs wherever the model calls it.
-        if len(seen_in_batch) == len(stats):
-            raise StopForward
-
-    def start_batch(_layer, args) -> None:
-        seen_in_batch.clear()
-        for group_stats in stats.values():
-            group_stats.samples_in_batch = args[0].shape[0]
-
-    handles = [modules[name].register_forward_pre_hook(functools.partial(collect, name)) for name in stats]
-    handles.append(layer.register_forward_pre_hook(start_batch))
-    try:
-        feed_layer(layer, inputs, device)
-    finally:
-        for h in handles:
-            h.remove()
-    unseen = sorted(name for name, group_stats in stats.items() if group_stats.inputs_seen == 0)
-    if unseen:  # pruning on empty statistics would zero these weights (SparseGPT) or rank them at random (Wanda)
-        raise UnsupportedModelOptionError(
-            f"{', '.join(unseen)} received no input when the decoder layer ran on the calibration data, so it "
-            "cannot be pruned from activations; this layer's forward skips it (use {method} magnitude)"
+    elif config.method == "sparsegpt":
+        prune_sparsegpt_(
+            weight, None, config.sparsity_ratio, n, m, config.blocksize, hinv=hinv, backend=sparsegpt_backend
         )
-    return stats
+    else:
+        prune_ablate_(weight, config.method, hinv, stats.ablate_scaler, config.sparsity_ratio, n, m,
+                      config.blocksize, backend=sparsegpt_backend)  # fmt: skip
+    return None
 
 
 def _collect_and_prune(
@@ -182,23 +123,46 @@ def _collect_and_prune(
     backend: str,
     device: torch.device,
     what: str,
-) -> None:
+) -> TierCounts | None:
     modules = dict(layer.named_modules())
+    kind, norms_too = collected_for(config)
     stats = with_smaller_batches_on_oom(
-        inputs, lambda: _collect_statistics(layer, groups, inputs, config, backend, device), what
+        inputs, lambda: collect_statistics(layer, groups, inputs, kind, norms_too, backend, device), what
     )
+    tiers = None
     for group in groups:
         group_stats = stats[group[0]]
         hinv = None
-        if config.method != "wanda":  # SparseGPT and its ablations
+        if group_stats.hessian is not None:  # SparseGPT, its ablations, tiles with the OBS update
             # One damped Cholesky factorization per input group (q/k/v share it); the Hessian's storage
             # is its workspace, since nothing reads the Hessian afterwards.
             hinv = sparsegpt_inverse_hessian(group_stats.hessian, config.percdamp, inplace=True)
             group_stats.hessian = None
         for name in group:
-            _prune_linear(modules[name], group_stats, config, backend, hinv)
+            counts = _prune_linear(modules[name], group_stats, config, backend, hinv)
+            tiers = _add_counts(tiers, counts)
         del hinv
     del stats
+    return tiers
+
+
+def _layer_config(base: PruneConfig, target: float) -> PruneConfig:
+    """One layer's config for its OWL target (validated as a uniform config): the sparsity ratio, or for
+    three_tier the tier ratios that give it (``three_tier_ratios_for``)."""
+    if base.sparsity_type != "three_tier":
+        return dataclasses.replace(base, sparsity_ratio=target, allocation="uniform")
+    top, mid, bottom = three_tier_ratios_for(
+        target, base.block_size, base.top_dense_ratio, base.mid_2_4_ratio, base.bottom_topk_ratio, base.topk_per_block
+    )
+    return dataclasses.replace(
+        base, top_dense_ratio=top, mid_2_4_ratio=mid, bottom_topk_ratio=bottom, allocation="uniform"
+    )
+
+
+def _add_counts(total: TierCounts | None, counts: TierCounts | None) -> TierCounts | None:
+    if counts is None:
+        return total
+    return counts if total is None else total + counts
 
 
 def as_config(
@@ -245,15 +209,21 @@ def prune_model(
     report = PruneReport(
         config.method, config.sparsity_type, config.sparsity_ratio, plan.backend, plan.nsamples, plan.seqlen,
         plan.batch_size, plan.streamed, estimated_host_bytes=plan.host_bytes, estimated_device_bytes=plan.device_bytes,
+        allocation=config.allocation,
     )  # fmt: skip
     if plan.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(plan.device)
     model.eval()
     start = time.perf_counter()
-    if config.sparsity_ratio == 0:
+    if not config.prunes:
         log.info("sparsity_ratio 0: nothing to prune")
     else:
-        _prune_layers(model, plan, calibration_ids, report)
+        targets = outliers = None
+        if config.allocation == "owl":
+            outliers = owl_outlier_ratios(model, plan, calibration_ids)
+            targets = owl_layer_sparsities(outliers, config.owl_mean_sparsity, config.owl_lambda)
+            log.info("OWL layer sparsities: %s", ", ".join(f"{t:.4f}" for t in targets))
+        _prune_layers(model, plan, calibration_ids, report, targets, outliers)
     report.seconds = time.perf_counter() - start
     if not report.layers:  # nothing pruned: measure what the model holds
         report.actual_sparsity = check_sparsity(model, log_layers=False)
@@ -263,27 +233,34 @@ def prune_model(
     return report
 
 
-def _prune_layers(model: nn.Module, plan: PrunePlan, calibration_ids, report: PruneReport) -> None:
-    config, adapter, layers, backend = plan.config, plan.adapter, plan.layers, plan.backend
+def _prune_layers(
+    model: nn.Module, plan: PrunePlan, calibration_ids, report: PruneReport, targets: list[float] | None = None,
+    outliers: list[float] | None = None,
+) -> None:  # fmt: skip
+    """Prune layer by layer; ``targets``: each layer's sparsity (OWL), else the config's for all."""
+    base, adapter, layers, backend = plan.config, plan.adapter, plan.layers, plan.backend
     inputs = None
     store = None
-    if config.method != "magnitude":
+    if base.method != "magnitude":
         store = plan.store
         inputs = capture_layer_inputs(model, adapter, calibration_ids, plan.batch_size, store)
     zeros = total = 0
-    for index, layer in enumerate(tqdm(layers, desc=f"{config.method} {config.sparsity_type}", unit="layer")):
+    all_tiers = None
+    for index, layer in enumerate(tqdm(layers, desc=f"{base.method} {base.sparsity_type}", unit="layer")):
         t0 = time.perf_counter()
         device = compute_device_for(layer)
+        config = base if targets is None else _layer_config(base, targets[index])
+        tiers = None
         with on_device([layer], device):
             groups = adapter.groups_for(layer)
             if config.method == "magnitude":
                 modules = dict(layer.named_modules())
                 for name in (n for g in groups for n in g):
-                    _prune_linear(modules[name], None, config, backend)
+                    tiers = _add_counts(tiers, _prune_linear(modules[name], None, config, backend))
             else:
                 for stage in [[g] for g in groups] if config.true_sequential else [groups]:
                     what = f"collecting layer {index}'s statistics"
-                    _collect_and_prune(layer, stage, inputs, config, backend, device, what)
+                    tiers = _add_counts(tiers, _collect_and_prune(layer, stage, inputs, config, backend, device, what))
                 recompute = functools.partial(run_layer, layer, inputs, device, store)
                 inputs.hidden = with_smaller_batches_on_oom(inputs, recompute, f"recomputing layer {index}'s outputs")
             if device.type == "cuda":
@@ -292,8 +269,17 @@ def _prune_layers(model: nn.Module, plan: PrunePlan, calibration_ids, report: Pr
             layer_zeros, layer_total = linear_zero_counts(layer)  # counted where the layer is (GPU if streamed)
         zeros, total = zeros + layer_zeros, total + layer_total
         sparsity = layer_zeros / max(layer_total, 1)
-        report.layers.append(LayerReport(index, seconds, sparsity))
-        log.info("layer %d: %.2f s, sparsity %.4f", index, seconds, sparsity)
+        target = targets[index] if targets is not None else None if config.tiered else config.sparsity_ratio
+        outlier = None if outliers is None else outliers[index]
+        report.layers.append(
+            LayerReport(index, seconds, sparsity, target, outlier, None if tiers is None else tiers.to_dict())
+        )
+        all_tiers = _add_counts(all_tiers, tiers)
+        if tiers is not None:
+            log.info("layer %d: %.2f s, sparsity %.4f, tiles %s", index, seconds, sparsity, tiers.to_dict())
+        else:
+            log.info("layer %d: %.2f s, sparsity %.4f", index, seconds, sparsity)
     report.actual_sparsity = zeros / max(total, 1)
+    report.tiers = None if all_tiers is None else all_tiers.to_dict()
     if inputs is not None:
         report.calib_batch_size = inputs.max_batch  # smaller than asked if a batch ran out of memory

@@ -19,6 +19,7 @@ from pruning.config import PruneConfig
 from pruning.errors import OptionError
 from pruning.memory import host_memory, size
 from pruning.placement import activation_store, check_layers_placeable, compute_device_for, module_device
+from pruning.statistics import collected_for
 from wanda_kernels.policy import resolve_backend
 
 
@@ -70,7 +71,7 @@ def check_backend(config: PruneConfig) -> None:
 
 def check_model_config(config: PruneConfig, model_config) -> None:
     """What the model's config alone decides: pruning runs every layer with layer 0's attention mask."""
-    if config.sparsity_ratio > 0:
+    if config.prunes:
         check_one_mask_for_every_layer(model_config)
 
 
@@ -89,7 +90,7 @@ def plan(
         check_config(config, model.config)
     adapter = get_adapter(model)
     layers = adapter.layers(model)
-    if config.sparsity_ratio > 0:  # before any layer is pruned (ratio 0 prunes nothing and needs no placement)
+    if config.prunes:  # before any layer is pruned (ratio 0 prunes nothing and needs no placement)
         check_layers_placeable(layers)
     device = compute_device_for(layers[0])
     backend = _backend_for(config.backend, device)
@@ -116,7 +117,7 @@ def plan(
     if device.type == "cuda" and store.type == "cuda" and not fits_on(device, on_device - forward):
         store = torch.device("cpu")  # the activations go to CPU RAM rather than the run being refused
         host, on_device, forward = estimate(store)
-    hessians = statistics if config.method not in ("wanda", "magnitude") and device.type == "cpu" else 0
+    hessians = statistics if collected_for(config)[0] != "norms" and device.type == "cpu" else 0
     check_host_memory(host, nsamples, seqlen, hessians)
     # The forward is left out: smaller batches cure it (pruning.oom); the rest they cannot.
     check_device_memory(on_device - forward, device, nsamples, seqlen, streamed)
@@ -157,7 +158,7 @@ def statistics_bytes(adapter: DecoderAdapter, layers: nn.ModuleList, config: Pru
     layer = layers[0]
     modules = dict(layer.named_modules())
     widths = [modules[group[0]].in_features for group in adapter.groups_for(layer)]
-    if config.method == "wanda":
+    if collected_for(config)[0] == "norms":
         return 4 * sum(widths)
     return 4 * sum(w * w for w in widths) + 2 * 4 * max(widths) ** 2
 

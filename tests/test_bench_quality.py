@@ -10,7 +10,7 @@ from bench.records import read_jsonl
 from pruning.tokenizers import byte_level_tokenizer
 
 
-def test_every_method_is_measured_on_the_same_ids_and_recorded(tmp_path):
+def _tiny_model_and_texts(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -23,6 +23,11 @@ def test_every_method_is_measured_on_the_same_ids_and_recorded(tmp_path):
     eval_text, calibration_text = tmp_path / "eval.txt", tmp_path / "calib.txt"
     eval_text.write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
     calibration_text.write_text("Pack my box with five dozen liquor jugs. " * 20, encoding="utf-8")
+    return model_dir, eval_text, calibration_text
+
+
+def test_every_method_is_measured_on_the_same_ids_and_recorded(tmp_path):
+    model_dir, eval_text, calibration_text = _tiny_model_and_texts(tmp_path)
     out = tmp_path / "quality.jsonl"
     todo = [("magnitude", 0.5, "unstructured"), ("wanda", 0.5, "2:4"), ("sparsegpt", 0.6, "unstructured")]
 
@@ -47,3 +52,21 @@ def test_the_main_table_covers_every_method_and_setting_the_issue_names():
     assert {(r, k) for _, r, k in main} == {(0.5, "unstructured"), (0.5, "2:4"), (0.5, "4:8"), (0.6, "unstructured"),
                                              (0.7, "unstructured")}  # fmt: skip
     assert len(quality.configs(ablations=True)) == len(main) + 8
+
+
+def test_the_tile_and_owl_suite_matches_the_unstructured_rows_to_the_forks_sparsity(tmp_path):
+    model_dir, eval_text, calibration_text = _tiny_model_and_texts(tmp_path)
+    out = tmp_path / "tiers.jsonl"
+    todo = [c for c in quality.configs(False, tiers=True) if c[0] == "wanda" and c[2] != "hybrid_2_4"][:2]
+    todo += [("wanda", quality.MATCHED, "unstructured", {}), ("wanda", 0.6, "unstructured", {"allocation": "owl"})]
+    records = quality.run(model_dir, out, nsamples=2, seqlen=32, eval_windows=2, todo=todo,
+                          eval_text=eval_text, calibration_text=calibration_text)  # fmt: skip
+    fork, metric, matched, owl = records[1:]
+    assert fork["label"] == "wanda three_tier fork" and fork["tiers"] == metric["tiers"]
+    assert fork["sparsity"] == metric["sparsity"]  # same tier counts, same sparsity
+    assert matched["sparsity_ratio"] == round(fork["sparsity"], 4)
+    assert abs(matched["sparsity"] - fork["sparsity"]) < 0.02
+    assert owl["label"] == "wanda owl" and len(owl["layer_sparsities"]) == 2
+    assert "| wanda three_tier fork |" in quality.format_list(records)
+    names = {quality.label(m, k, (o[0] if o else {})) for m, _, k, *o in quality.configs(False, tiers=True)}
+    assert {"wanda three_tier fork", "wanda three_tier balanced", "sparsegpt owl", "wanda owl"} <= names

@@ -227,18 +227,18 @@ def test_triton_and_torch_backends_give_identical_masks(kernel_calls):
 
 
 def test_statistics_are_shared_by_qkv_and_batching_does_not_change_masks(monkeypatch):
-    from pruning import driver
+    from pruning import statistics
 
     ids = calibration_ids(nsamples=6)
     one, many = tiny_llama(), tiny_llama()
     created = []
-    original_init = driver._GroupStatistics.__init__
+    original_init = statistics.GroupStatistics.__init__
 
     def counting_init(self, *args, **kwargs):
         created.append(args)
         original_init(self, *args, **kwargs)
 
-    monkeypatch.setattr(driver._GroupStatistics, "__init__", counting_init)
+    monkeypatch.setattr(statistics.GroupStatistics, "__init__", counting_init)
     pruning.prune_model(tiny_llama(), ids, "wanda", 0.5, "2:4")
     assert len(created) == 2 * 4  # per layer: q/k/v, o, gate/up, down; not one per Linear (7)
     pruning.prune_model(one, ids, "wanda", 0.5, "2:4", calib_batch_size=1)

@@ -1,6 +1,6 @@
 """Triton kernels for Wanda pruning: calibration statistics, scores, fused mask selection,
-the SparseGPT column-block update, the 2:4 packed format with its sparse GEMV, and the one-kernel
-RMSNorm and rotary embedding that shorten a decode step.
+the SparseGPT column-block update, the tile ops of three-tier / hybrid 2:4 pruning, the 2:4 packed
+format with its sparse GEMV, and the one-kernel RMSNorm and rotary embedding that shorten a decode step.
 
 Every op has a plain-torch reference with the same signature in ``wanda_kernels.reference``
 (``<op>_torch``); the reference defines the semantics. Masks are bool, True = prune.
@@ -17,6 +17,7 @@ from wanda_kernels.select import kth_smallest
 from wanda_kernels.sparse24_mm import sparse24_linear
 from wanda_kernels.sparsegpt_block import sparsegpt_block_
 from wanda_kernels.sq_norms import accumulate_sq_norms_
+from wanda_kernels.tiers import tier_mask, tile_scores, tile_tiers
 from wanda_kernels.unstructured import unstructured_mask
 
 __all__ = [
@@ -29,6 +30,9 @@ __all__ = [
     "rotary",
     "sparse24_linear",
     "sparsegpt_block_",
+    "tier_mask",
+    "tile_scores",
+    "tile_tiers",
     "unpack_24",
     "unstructured_mask",
     "wanda_prune_",

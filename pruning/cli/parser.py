@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for sampling the calibration data")
     p.add_argument("--nsamples", type=int, default=128, help="number of calibration samples")
     p.add_argument("--sparsity_ratio", type=float, default=0.0, help="fraction of weights to prune")
-    p.add_argument("--sparsity_type", default="unstructured", help="unstructured, or N:M such as 2:4 or 4:8")
+    p.add_argument(
+        "--sparsity_type",
+        default="unstructured",
+        help="unstructured, N:M such as 2:4 or 4:8, or the tile types three_tier and hybrid_2_4 (Jiajun-Ji/wanda)",
+    )
     p.add_argument("--prune_method", choices=METHODS, required=True)
     p.add_argument("--cache_dir", default="llm_weights", help="Hugging Face cache directory")
     p.add_argument("--use_variant", action="store_true", help="Wanda's per-row cumulative-alpha variant")
@@ -78,4 +82,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated lm-eval tasks for --eval_zero_shot (default: Wanda's seven)",
     )
     p.add_argument("--zero_shot_include_path", default=None, help="directory of extra lm-eval task YAMLs (offline)")
+    add_tier_flags(p)
     return p
+
+
+# Tile pruning and layer allocation. Defaults are None so that a flag given where it does nothing is an error;
+# the values used when they are left out are the library's (Jiajun-Ji/wanda's and luuyin/OWL's).
+TIER_FLAGS = {  # flag name -> (type, help)
+    "block_size": (int, "three_tier/hybrid_2_4: tile edge (default 16)"),
+    "top_dense_ratio": (float, "three_tier: fraction of tiles kept dense (default 0.4)"),
+    "mid_2_4_ratio": (float, "three_tier: fraction of tiles pruned 2:4 (default 0.4)"),
+    "bottom_topk_ratio": (float, "three_tier: fraction of tiles keeping top-k (default 0.2)"),
+    "topk_per_block": (int, "three_tier/hybrid_2_4: weights kept per top-k tile (default 10)"),
+    "top_blocks_ratio": (float, "hybrid_2_4: fraction of tiles that try 2:4 (default 0.6)"),
+    "score_threshold": (float, "hybrid_2_4: 2:4 where it keeps this share of the tile's metric (default 0.8)"),
+}
+ALLOCATION_FLAGS = {
+    "owl_m": (float, "--allocation owl: outliers are scores above M times the layer's mean (default 5)"),
+    "owl_lambda": (float, "--allocation owl: layer sparsities span sparsity_ratio +- 2 lambda at most (default 0.08)"),
+}
+TIER_SELECTIONS_HELP = (
+    "three_tier's selection: fork (Jiajun-Ji/wanda, bit for bit; default), balanced (ours: metric+bands+obs), or "
+    "ingredients joined by '+': metric (rank inside tiles by Wanda's metric), bands (tiers per band of block_size "
+    "rows), obs (SparseGPT's update with the tier mask fixed), cost (tiers by the squared metric each would prune)"
+)
+
+
+def add_tier_flags(p: argparse.ArgumentParser) -> None:
+    for name, (kind, text) in TIER_FLAGS.items():
+        p.add_argument(f"--{name}", type=kind, default=None, help=text)
+    p.add_argument("--tier_selection", default=None, help=TIER_SELECTIONS_HELP)
+    p.add_argument(
+        "--allocation",
+        choices=["uniform", "owl"],
+        default="uniform",
+        help="layer sparsities: uniform, or owl (outlier-weighted, Yin et al. 2024; unstructured only)",
+    )
+    for name, (kind, text) in ALLOCATION_FLAGS.items():
+        p.add_argument(f"--{name}", type=kind, default=None, help=text)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -97,6 +98,11 @@ def _run(args: argparse.Namespace, config: PruneConfig, started: float, kept: li
     from pruning.plan import check_model_config, plan
     from pruning.sparsity import check_sparsity
 
+    if config.tiered and config.sparsity_ratio:
+        log.info(
+            "--sparsity_ratio %g is not used by --sparsity_type %s: the tier ratios set the sparsity (the run reports "
+            "the measured value)", config.sparsity_ratio, config.sparsity_type,
+        )  # fmt: skip
     model_config = load_config(args.model, args.cache_dir)
     check_model_config(config, model_config)
     seqlen = resolve_seqlen(args.seqlen, model_config)
@@ -128,6 +134,7 @@ def _run(args: argparse.Namespace, config: PruneConfig, started: float, kept: li
         check_packable(model)  # before the long job, not at the very end
 
     metrics: dict = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "versions": versions()}
+    metrics["prune_config"] = dataclasses.asdict(config)  # every option as used, defaults filled in
     if args.eval_dense:
         with _out_of_memory_as_error("evaluating the dense model", "evaluating", streamed):
             metrics["ppl_dense"] = evaluate_ppl(model, eval_ids, args, seqlen)
@@ -140,6 +147,10 @@ def _run(args: argparse.Namespace, config: PruneConfig, started: float, kept: li
     print(f"sparsity sanity check {sparsity:.4f}")
     print("*" * 30)
     metrics["actual_sparsity"] = sparsity
+    if report.tiers is not None:
+        print(f"tiles - dense: {report.tiers['dense']}, 2:4: {report.tiers['2:4']}, top-k: {report.tiers['topk']}")
+    if config.allocation == "owl":
+        print("OWL layer sparsities: " + " ".join(f"{layer.target_sparsity:.4f}" for layer in report.layers))
     # The pruned model is saved first: it is the costly result, and evaluation can still fail (memory, data).
     if args.save_model:
 

@@ -102,6 +102,7 @@ def validate_args(args: argparse.Namespace) -> PruneConfig:
         true_sequential=args.true_sequential,
         backend=args.backend,
         calib_batch_size=args.calib_batch_size,
+        **_tier_and_allocation_options(args),
     )
     check_backend(config)
     if args.eval_zero_shot:
@@ -191,6 +192,34 @@ def _check_device_map(device_map: str | None, offload: bool) -> None:
         )
 
 
+THREE_TIER_ONLY = ("top_dense_ratio", "mid_2_4_ratio", "bottom_topk_ratio", "tier_selection")
+HYBRID_ONLY = ("top_blocks_ratio", "score_threshold")
+TILE_FLAGS = ("block_size", "topk_per_block", *THREE_TIER_ONLY, *HYBRID_ONLY)
+
+
+def _tier_and_allocation_options(args: argparse.Namespace) -> dict:
+    """The tile and OWL flags that were given (None = left out), refusing those that the run would ignore."""
+    given = {name for name in (*TILE_FLAGS, "owl_m", "owl_lambda") if getattr(args, name, None) is not None}
+    kind = args.sparsity_type
+    ignored = sorted(
+        name for name in given
+        if (name in TILE_FLAGS and kind not in ("three_tier", "hybrid_2_4"))
+        or (name in THREE_TIER_ONLY and kind == "hybrid_2_4")
+        or (name in HYBRID_ONLY and kind == "three_tier")
+    )  # fmt: skip
+    if ignored:
+        which = "three_tier" if ignored[0] in THREE_TIER_ONLY else "hybrid_2_4" if ignored[0] in HYBRID_ONLY else (
+            "three_tier or hybrid_2_4"
+        )  # fmt: skip
+        raise ValueError(f"--{ignored[0]} applies to --sparsity_type {which}, not {kind}; drop it or change the type")
+    owl_flags = sorted(name for name in given if name.startswith("owl_"))
+    if owl_flags and args.allocation != "owl":
+        raise ValueError(f"--{owl_flags[0]} tunes --allocation owl, which is not given; add it or drop the flag")
+    options = {name: getattr(args, name) for name in given}
+    options["allocation"] = args.allocation
+    return options
+
+
 def _check_combinations(args: argparse.Namespace) -> None:
     """A flag that would be silently ignored because of another is an error."""
     if args.true_sequential and args.prune_method == "magnitude":
@@ -198,7 +227,8 @@ def _check_combinations(args: argparse.Namespace) -> None:
             "--true_sequential orders the calibration passes, and magnitude pruning has none; "
             "drop --true_sequential or use --prune_method wanda or sparsegpt"
         )
-    if args.true_sequential and args.sparsity_ratio == 0:
+    tiered = args.sparsity_type in ("three_tier", "hybrid_2_4")
+    if args.true_sequential and args.sparsity_ratio == 0 and not tiered:
         raise ValueError("--true_sequential has nothing to order at --sparsity_ratio 0 (nothing is pruned); drop one")
     if args.overwrite and not args.save_model:
         raise ValueError("--overwrite replaces a --save_model directory, and none is given; drop --overwrite")

@@ -23,6 +23,9 @@ OP_NAMES: tuple[str, ...] = (
     "wanda_prune_",
     "sparsegpt_block_",
     "kth_smallest",
+    "tile_scores",
+    "tile_tiers",
+    "tier_mask",
 )
 
 
@@ -39,6 +42,9 @@ class KernelOps:
     wanda_prune_: Callable
     sparsegpt_block_: Callable
     kth_smallest: Callable
+    tile_scores: Callable
+    tile_tiers: Callable
+    tier_mask: Callable
 
 
 def kernel_ops(backend: str) -> KernelOps:
