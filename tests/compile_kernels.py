@@ -36,16 +36,21 @@ import wanda_kernels.silu_mul as silu_mul  # noqa: E402
 import wanda_kernels.sparse24_mm as sparse24_mm  # noqa: E402
 import wanda_kernels.sparsegpt_block as sparsegpt_block  # noqa: E402
 import wanda_kernels.sq_norms as sq_norms  # noqa: E402
+import wanda_kernels.tiers as tiers  # noqa: E402
 import wanda_kernels.unstructured as unstructured  # noqa: E402
 
 I32 = "i32"
 
 
-def variant(kernel, pointer_types: dict[str, str], constexprs: dict[str, object], num_warps: int, **options):
+def variant(
+    kernel, pointer_types: dict[str, str], constexprs: dict[str, object], num_warps: int, unaligned=(), **options
+):
     """One compile of ``kernel``, specialized as Triton's launcher specializes a launch on contiguous tensors of
     real model shapes: column strides are 1 (a constant), and every pointer and every other integer argument
-    is divisible by 16. So the code compiled here has the vectorized loads that such a launch gets."""
+    is divisible by 16, except those named in ``unaligned`` (e.g. a block_size of 5); float scalars carry no
+    divisibility. So the code compiled here has the vectorized loads that such a launch gets."""
     names = kernel.arg_names
+    assert set(unaligned) <= set(names), unaligned
     constexprs = {**{n: 1 for n in names if n.startswith("stride_") and n.endswith("col")}, **constexprs}
     signature = {}
     for name in names:
@@ -56,7 +61,8 @@ def variant(kernel, pointer_types: dict[str, str], constexprs: dict[str, object]
         else:
             signature[name] = I32
     consts = {(names.index(k),): v for k, v in constexprs.items()}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name not in constexprs}
+    aligned = [n for n in names if n not in {*constexprs, *unaligned} and not signature[n].startswith(("fp", "bf"))]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     return kernel, signature, consts, attrs, {"num_warps": num_warps, **options}
 
 
@@ -139,6 +145,58 @@ def variants():
                   "BLOCK_C": block_c}  # fmt: skip
         kernel = sparsegpt_block._sparsegpt_block_kernel
         yield f"sparsegpt_block nm={select_nm}", variant(kernel, ptrs, consts, 1, enable_fp_fusion=False)
+    yield from tier_variants()
+
+
+def tier_variants():
+    """tiers.py's three kernels, set up as their launchers set them up (GPU: ``tiers._ELEMS`` entries a program)
+    for a layer 4096 columns wide (``n_tc = cdiv(4096, b)`` tiles a row) and ``topk_per_block`` 10 (the default).
+    Integers that such a launch does not pass as multiples of 16 (``b`` = 5, ``n_tc`` = 820, k = 10) are unaligned."""
+    k = 10
+    for dtype, b, norms in (("fp16", 16, True), ("bf16", 5, True), ("fp16", 64, True), ("fp32", 64, False)):
+        # tile_scores; norms=False is the magnitude score, and (fp32) the by-cost tile sums of the pruned energy.
+        n_tc = triton.cdiv(4096, b)
+        unaligned = tuple(n for n, v in (("block_size", b), ("n_tile_cols", n_tc)) if v % 16)
+        b_pad = triton.next_power_of_2(b)
+        n_tiles = max(1, min(tiers._ELEMS // (b_pad * b_pad), triton.next_power_of_2(n_tc)))
+        ptrs = {"weight_ptr": f"*{dtype}", "norm_ptr": "*fp32" if norms else f"*{dtype}", "out_ptr": "*fp32"}
+        consts = {"HAS_NORMS": norms, "B_PAD": b_pad, "TILES": n_tiles}
+        warps = min(8, max(1, b_pad * b_pad * n_tiles // 256))
+        label = f"tile_scores {dtype} b{b} {'norms' if norms else 'no norms'} w{warps}"
+        yield label, variant(tiers._tile_scores_kernel, ptrs, consts, warps, unaligned)
+    for n_cols in (256, 2868, 7168):  # b 16 on 4096 columns; b 5 and b 2 on 14336 (BLOCK 4096, 8192 = the max)
+        block = max(2, triton.next_power_of_2(n_cols))
+        assert block <= tiers.MAX_BAND_TILES
+        ptrs = {"scores_ptr": "*fp32", "dense_ptr": "*i64", "mid_ptr": "*i64", "tiers_ptr": "*i8"}
+        warps = min(16, max(1, block // 256))
+        unaligned = ("n_cols", "stride_row") if n_cols % 16 else ()
+        label = f"band_tiers {n_cols} tiles BLOCK={block} w{warps}"
+        yield label, variant(tiers._band_tiers_kernel, ptrs, {"BLOCK": block}, warps, unaligned)
+    for dtype, b, norms, hybrid, by_metric in (
+        ("fp16", 16, True, False, False),
+        ("fp16", 16, True, False, True),
+        ("fp16", 16, True, True, False),
+        ("fp16", 16, True, True, True),
+        ("fp16", 16, False, True, False),  # magnitude: no norms, the metric is |W|
+        ("bf16", 5, True, False, True),
+        ("bf16", 5, True, True, False),
+        ("fp16", 64, True, False, True),
+        ("fp16", 64, True, True, False),
+    ):
+        n_tc = triton.cdiv(4096, b)
+        unaligned = tuple(n for n, v in (("block_size", b), ("topk", k), ("n_tile_cols", n_tc),
+                                         ("stride_tier_row", n_tc)) if v % 16)  # fmt: skip
+        b_pad = max(2, triton.next_power_of_2(b))
+        n_tiles = max(1, min(tiers._ELEMS // (b_pad * b_pad), triton.next_power_of_2(n_tc)))
+        ptrs = {"weight_ptr": f"*{dtype}", "norm_ptr": "*fp32" if norms else f"*{dtype}", "tiers_ptr": "*i8",
+                "mask_ptr": "*u8", "resolved_ptr": "*i8", "score_threshold": "fp32"}  # fmt: skip
+        consts = {"HAS_NORMS": norms, "RANK_BY_METRIC": by_metric and norms, "HYBRID": hybrid, "B_PAD": b_pad,
+                  "TILES": n_tiles}  # fmt: skip
+        warps = min(16, max(1, b_pad * b_pad * n_tiles // 128))
+        name = "hybrid_2_4" if hybrid else "three_tier"
+        rank = ("metric" if by_metric else "|w|") + ("" if norms else " no norms")
+        label = f"tier_mask {name} {dtype} b{b} {rank} w{warps}"
+        yield label, variant(tiers._tier_mask_kernel, ptrs, consts, warps, unaligned)
 
 
 def register_use(ptx: str, capability: int) -> dict:

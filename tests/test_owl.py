@@ -7,15 +7,15 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import pruning
 from bench import baselines_tiers as owl
-from bench.baselines import WrappedGPT, layer_output, locuslab_prune_, per_sample_layer_inputs
+from bench.baselines import layer_output, locuslab_prune_, per_sample_layer_inputs
 from pruning.adapters import get_adapter
 from pruning.methods.owl import OWL_MIN_SPARSITY, OutlierCounter, owl_layer_sparsities
 from tests.test_pruner import calibration_ids, linears, tiny_opt
+from tests.test_tiers import wrapped_statistics
 
 
 def llama(layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
@@ -63,31 +63,17 @@ def test_degenerate_outlier_ratios():
 @torch.no_grad()
 def owl_prune_wanda(model, ids, sparsity, lam=0.08, m=5.0):
     """prune_wanda_outlier: a dense pass for the outlier ratios, then Wanda with each layer's own ratio."""
-
-    def layer_metrics(layer, samples):
-        subset = {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
-        wrapped = {name: WrappedGPT(mod) for name, mod in subset.items()}
-        handles = [
-            subset[name].register_forward_hook(lambda _m, inp, out, w=wrapped[name]: w.add_batch(inp[0].data, out.data))
-            for name in subset
-        ]
-        for hidden, kwargs in samples:
-            layer_output(layer, hidden, kwargs)
-        for h in handles:
-            h.remove()
-        return subset, wrapped
-
     layers = get_adapter(model).layers(model)
     samples = per_sample_layer_inputs(model, ids)
     per_layer = []
     for layer in layers:
-        subset, wrapped = layer_metrics(layer, samples)
+        subset, wrapped = wrapped_statistics(layer, samples)
         per_layer.append([subset[n].weight.abs() * torch.sqrt(wrapped[n].scaler_row.reshape((1, -1))) for n in subset])
         samples = [(layer_output(layer, hidden, kwargs), kwargs) for hidden, kwargs in samples]
     targets = owl.owl_layer_sparsities(per_layer, sparsity, Hyper_m=m, Lamda=lam)
     samples = per_sample_layer_inputs(model, ids)
     for layer, target in zip(layers, targets, strict=True):
-        subset, wrapped = layer_metrics(layer, samples)
+        subset, wrapped = wrapped_statistics(layer, samples)
         for name, mod in subset.items():
             locuslab_prune_(mod.weight.data, wrapped[name].scaler_row, float(target), 0, 0)
         samples = [(layer_output(layer, hidden, kwargs), kwargs) for hidden, kwargs in samples]

@@ -175,22 +175,28 @@ def test_cost_gives_top_k_to_the_tile_that_loses_least_by_it():
 # --- the whole model, against the fork's driver loop ---------------------------------------------------------
 
 
+def wrapped_statistics(layer: nn.Module, samples: list) -> tuple[dict, dict]:
+    """(Linears by name, their WrappedGPT) after the layer ran on every sample, one per forward, as published."""
+    subset = {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
+    wrapped = {name: WrappedGPT(mod) for name, mod in subset.items()}
+    handles = [
+        subset[name].register_forward_hook(lambda _m, inp, out, w=wrapped[name]: w.add_batch(inp[0].data, out.data))
+        for name in subset
+    ]
+    for hidden, kwargs in samples:
+        layer_output(layer, hidden, kwargs)
+    for h in handles:
+        h.remove()
+    return subset, wrapped
+
+
 @torch.no_grad()
 def fork_prune_three_tier(model, ids, variant="three_tier", **options):
     """prune_wanda_three_tier / prune_wanda_hybrid_2_4's loop: WrappedGPT statistics one sample at a time, the
     fork's tile function per Linear, then the layer's outputs recomputed with the pruned weights."""
     samples = per_sample_layer_inputs(model, ids)
     for layer in get_adapter(model).layers(model):
-        subset = {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
-        wrapped = {name: WrappedGPT(mod) for name, mod in subset.items()}
-        handles = [
-            subset[name].register_forward_hook(lambda _m, inp, out, w=wrapped[name]: w.add_batch(inp[0].data, out.data))
-            for name in subset
-        ]
-        for hidden, kwargs in samples:
-            layer_output(layer, hidden, kwargs)
-        for h in handles:
-            h.remove()
+        subset, wrapped = wrapped_statistics(layer, samples)
         for name, mod in subset.items():
             w = mod.weight.data
             metric = torch.abs(w) * torch.sqrt(wrapped[name].scaler_row.reshape((1, -1)))
