@@ -135,7 +135,7 @@ def run(
         record = {**common, "method": method, "sparsity_type": kind, "sparsity_ratio": ratio,
                   "sparsity": report.actual_sparsity, "ppl": ppl, "prune_seconds": prune_seconds,
                   "eval_seconds": eval_seconds, "backend": report.backend}  # fmt: skip
-        if options:
+        if options or kind in ("three_tier", "hybrid_2_4"):
             record.update(label=label(method, kind, options), options=options)
         if report.tiers is not None:
             record["tiers"] = report.tiers
@@ -165,7 +165,7 @@ def format_list(records: list[dict]) -> str:
     for r in records:
         name = r.get("label", r["method"]) + ("" if r["method"] == "dense" else f" ({setting_label(r)})")
         if r["sparsity_type"] in ("three_tier", "hybrid_2_4"):
-            name = r.get("label", r["method"])
+            name = r.get("label") or label(r["method"], r["sparsity_type"], r.get("options", {}))
         tiers = r.get("tiers")
         cell = f"{tiers['dense']} / {tiers['2:4']} / {tiers['topk']}" if tiers else ""
         lines.append(f"| {name} | {100 * r['sparsity']:.2f}% | {r['ppl']:.2f} | {cell} |")
