@@ -102,7 +102,7 @@ ALLOCATION_FLAGS = {
     "owl_lambda": (float, "--allocation owl: layer sparsities span sparsity_ratio +- 2 lambda at most (default 0.08)"),
 }
 TIER_SELECTIONS_HELP = (
-    "three_tier's selection: fork (Jiajun-Ji/wanda, bit for bit; default), balanced (ours: metric+bands+obs), or "
+    "three_tier's selection: fork (Jiajun-Ji/wanda, bit for bit; default), balanced (ours: metric+bands+obs+cost), or "
     "ingredients joined by '+': metric (rank inside tiles by Wanda's metric), bands (tiers per band of block_size "
     "rows), obs (SparseGPT's update with the tier mask fixed), cost (tiers by the squared metric each would prune)"
 )

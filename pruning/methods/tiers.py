@@ -8,7 +8,8 @@ tiles get 2:4 where it keeps ``score_threshold`` of the tile's metric and stay d
 Tier selection (three_tier): ``fork`` is the published code bit for bit (ranking in tiles by ``|W|``, tiles ranked
 over the whole matrix, no update). Ingredients on top of it, alone or joined by ``+``: ``metric`` ranks inside
 tiles by the Wanda metric, ``bands`` ranks tiles within each band of ``b`` rows (same tier counts),
-``obs`` runs SparseGPT's OBS update with the tier mask fixed; ``balanced`` is all three. The ops are
+``obs`` runs SparseGPT's OBS update with the tier mask fixed, ``cost`` assigns tiers by the squared metric each
+would prune; ``balanced`` is all four (the best measured, docs/pruning.md). The ops are
 ``tile_scores``, ``tile_tiers`` and ``tier_mask`` in ``wanda_kernels``. Measurements: docs/pruning.md.
 """
 
@@ -46,7 +47,7 @@ class TierSelection:
         if text == "fork":
             return cls()
         if text == "balanced":
-            return cls(True, True, True, False)
+            return cls(True, True, True, True)
         parts = text.split("+") if isinstance(text, str) else [text]
         unknown = [p for p in parts if p not in TIER_INGREDIENTS]
         if unknown or len(set(parts)) != len(parts):
