@@ -93,10 +93,10 @@ main() {
         echo "=== no test file has gpu-marked tests"
     fi
     if ((have_pytest)); then
-        # The 2:4 GEMV, the decode kernels and the tile kernels compiled for this GPU (every autotuning candidate:
+        # The 2:4 GEMV, the decode, tile, RIA and DSnoT kernels compiled for this GPU (every autotuning candidate:
         # the last step).
         step "kernel tests on the GPU, quick" 75 0 "0" "$PY" -m pytest -q -p no:cacheprovider \
-            tests/test_sparse24_kernels.py tests/test_fusion.py tests/test_tier_kernels.py \
+            tests/test_sparse24_kernels.py tests/test_fusion.py tests/test_tier_kernels.py tests/test_dsnot_kernels.py \
             -k "not every_gpu_candidate and not fused_"
     fi
 

@@ -9,6 +9,8 @@ The three_tier row (tile_scores + tile_tiers + tier_mask, the fork's defaults) h
   reference        the plain-torch tile ops (wanda_kernels.reference_tiers)
   fork_loop        Jiajun-Ji/wanda's apply_three_tier_block_pruning (a Python loop over tiles; the smallest shape
                    only, timed once)
+RIA and DSnoT rows (ria_scores, dsnot_unstructured, dsnot_2:4, accumulate_moments): ``published`` is their code
+(bench.baselines_dsnot), ``reference`` our plain-torch spec; DSnoT's rows time the whole refinement of a mask.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def run(device: torch.device, smoke: bool, dtype: torch.dtype = torch.float16, r
         log.info("kernels: %s [%d x %d]", label, *shape)
         yield from _bench_matrix(label, shape, dtype, device, gen, reps, with_fork_loop=label == fork_label)
         yield from _bench_sq_norms(label, shape[1], 64 if smoke else 8192, dtype, device, gen, reps)
+        yield from _bench_moments(label, shape[1], 64 if smoke else 8192, dtype, device, gen, reps)
 
 
 def _bench_matrix(label, shape, dtype, device, gen, reps, with_fork_loop=False) -> list[dict]:
@@ -98,6 +101,48 @@ def _bench_matrix(label, shape, dtype, device, gen, reps, with_fork_loop=False) 
                    reference_ms=mag_loc["median_ms"], nbytes=nbytes)
         )  # fmt: skip
     records += _bench_three_tier(common, weight, act_sq_norms, device, reps, with_fork_loop)
+    records += _bench_refine(common, weight, act_sq_norms, device, gen, reps)
+    return records
+
+
+def _bench_refine(common, weight, act_sq_norms, device, gen, reps) -> list[dict]:
+    """RIA's score and DSnoT's refinement of Wanda's masks (unstructured 50%, 2:4), against the published code."""
+    from bench.baselines_dsnot import DSnoTStatistics, dsnot_prune_mask, ria_metric
+    from pruning.methods.dsnot import ChannelMoments, dsnot_mask
+
+    records = []
+    expected = ref.ria_scores_torch(weight, act_sq_norms)
+    providers = {"ours": wk.ria_scores, "reference": ref.ria_scores_torch, "published": ria_metric}
+    timings = {name: time_op(functools.partial(fn, weight, act_sq_norms), device=device, reps=reps)
+               for name, fn in providers.items()}  # fmt: skip
+    correct = bool(torch.allclose(wk.ria_scores(weight, act_sq_norms), expected, rtol=1e-5, atol=0))
+    nbytes = weight.numel() * (2 * weight.element_size() + 4)  # read W twice, write fp32 scores
+    for name, timing in timings.items():
+        records.append(record(SUITE, "ria_scores", name, **common, timing=timing, correct=correct if name == "ours"
+                              else None, reference_ms=timings["published"]["median_ms"], nbytes=nbytes))  # fmt: skip
+    cols = weight.shape[1]
+    stats = DSnoTStatistics(cols, device)
+    stats.scaler_row = act_sq_norms
+    stats.sum_metric_row = torch.randn(cols, generator=gen, device=device)
+    stats.var = torch.rand(cols, generator=gen, device=device) + 0.1
+    moments = ChannelMoments(stats.sum_metric_row, stats.var)
+    w32 = weight.float()
+    scores = ref.wanda_scores_torch(weight, act_sq_norms)
+    for op, (n, m) in {"dsnot_unstructured": (0, 0), "dsnot_2:4": (2, 4)}.items():
+        initial = ref.nm_mask_torch(scores, n, m) if n else ref.unstructured_mask_torch(scores, 0.5)
+        want = dsnot_mask(w32, initial, scores, act_sq_norms, moments, n, m, backend="torch")
+        runs = {
+            "ours": functools.partial(dsnot_mask, w32, initial, scores, act_sq_norms, moments, n, m, backend="triton"),
+            "reference": functools.partial(dsnot_mask, w32, initial, scores, act_sq_norms, moments, n, m),
+            "published": functools.partial(dsnot_prune_mask, w32, stats, scores, 0.5, n, m),
+        }
+        timings = {name: time_op(fn, device=device, reps=max(3, reps // 4)) for name, fn in runs.items()}
+        agreement = float((runs["published"]() == want).float().mean())
+        for name, timing in timings.items():
+            correct = bool(torch.equal(runs["ours"](), want)) if name == "ours" else None
+            records.append(record(SUITE, op, name, **common, timing=timing, correct=correct,
+                                  reference_ms=timings["published"]["median_ms"],
+                                  published_mask_agreement=agreement))  # fmt: skip
     return records
 
 
@@ -181,3 +226,35 @@ def _bench_sq_norms(label, cols, tokens, dtype, device, gen, reps) -> list[dict]
             ("torch_vectorized", vec_t, None),
         )
     ]
+
+
+def _bench_moments(label, cols, tokens, dtype, device, gen, reps) -> list[dict]:
+    """DSnoT's statistics with Wanda's norms in one pass (ours) against the published WrappedGPT.add_batch."""
+    from bench.baselines_dsnot import DSnoTStatistics
+
+    samples = 4 if tokens >= 256 else 1
+    x = torch.randn(samples, tokens // samples, cols, generator=gen, device=device).to(dtype)
+    accs = [torch.zeros(cols, device=device) for _ in range(3)]
+    want = [torch.zeros(cols, device=device) for _ in range(3)]
+    ref.accumulate_moments_torch(*want, x, samples)
+    wk.accumulate_moments_(*accs, x, samples)
+    correct = all(torch.allclose(a, b, rtol=1e-4, atol=1e-3) for a, b in zip(accs, want, strict=True))
+
+    def published() -> None:
+        stats = DSnoTStatistics(cols, device)
+        for sample in x:
+            stats.add_batch(sample.unsqueeze(0))
+
+    timings = {
+        "ours": time_op(functools.partial(wk.accumulate_moments_, *accs, x, samples), device=device, reps=reps),
+        "reference": time_op(functools.partial(ref.accumulate_moments_torch, *accs, x, samples), device=device,
+                             reps=reps),
+        "published": time_op(published, device=device, reps=reps),
+    }  # fmt: skip
+    nbytes = x.numel() * x.element_size()
+    return [
+        record(SUITE, "accumulate_moments", name, label, (tokens, cols), dtype, timing=timing,
+               correct=correct if name == "ours" else None, reference_ms=timings["published"]["median_ms"],
+               nbytes=nbytes)
+        for name, timing in timings.items()
+    ]  # fmt: skip

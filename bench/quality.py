@@ -51,11 +51,42 @@ TIER_CONFIGS = [
 ]  # fmt: skip
 
 
-def configs(ablations: bool, tiers: bool = False) -> list[tuple]:
+# Better masks (RIA, channel permutation, DSnoT, the fixed-mask OBS update): each ingredient alone and together,
+# for Wanda, RIA and SparseGPT, at 2:4 and 50% unstructured; the rows that decide the recommendation first.
+PERM, DSNOT, RECON = {"permute_channels": True}, {"refine": "dsnot"}, {"reconstruction": True}
+MASK_CONFIGS = [
+    ("sparsegpt", 0.5, "2:4", {}),
+    ("ria", 0.5, "2:4", {**PERM, **DSNOT, **RECON}),
+    ("wanda", 0.5, "2:4", {}),
+    ("ria", 0.5, "2:4", {}),
+    ("wanda", 0.5, "2:4", PERM),
+    ("ria", 0.5, "2:4", PERM),
+    ("wanda", 0.5, "2:4", DSNOT),
+    ("ria", 0.5, "2:4", DSNOT),
+    ("ria", 0.5, "2:4", RECON),
+    ("ria", 0.5, "2:4", {**PERM, **RECON}),
+    ("sparsegpt", 0.5, "2:4", PERM),
+    ("sparsegpt", 0.5, "2:4", DSNOT),
+    ("sparsegpt", 0.5, "unstructured", {}),
+    ("ria", 0.5, "unstructured", {**DSNOT, **RECON}),
+    ("wanda", 0.5, "unstructured", {}),
+    ("ria", 0.5, "unstructured", {}),
+    ("wanda", 0.5, "unstructured", DSNOT),
+    ("ria", 0.5, "unstructured", DSNOT),
+    ("ria", 0.5, "unstructured", RECON),
+    ("sparsegpt", 0.5, "unstructured", DSNOT),
+    ("ria", 0.5, "2:4", {**PERM, "lsa": True}),
+    ("wanda", 0.5, "2:4", {"refine": "dsnot", "dsnot_skip_layer": "no_skip"}),
+]
+
+
+def configs(ablations: bool, tiers: bool = False, masks: bool = False) -> list[tuple]:
     """(method, sparsity ratio, sparsity type[, options]), the main table first, grouped by setting; ``tiers``:
-    only the tile pruning and OWL suite."""
+    only the tile pruning and OWL suite; ``masks``: only the RIA / permutation / DSnoT suite."""
     if tiers:
         return list(TIER_CONFIGS)
+    if masks:
+        return list(MASK_CONFIGS)
     main = [(method, ratio, kind) for ratio, kind in SETTINGS for method in METHODS]
     extra = [(method, ratio, kind) for ratio, kind in ABLATION_SETTINGS for method in ABLATIONS]
     return main + (extra if ablations else [])
@@ -66,7 +97,14 @@ def label(method: str, kind: str, options: dict) -> str:
     owl = " owl" if options.get("allocation") == "owl" else ""
     if kind in ("three_tier", "hybrid_2_4"):
         return f"{method} {kind}" + (f" {options['tier_selection']}" if "tier_selection" in options else "") + owl
-    return method + owl
+    parts = [method]
+    if options.get("permute_channels"):
+        parts.append("+perm" + ("+lsa" if options.get("lsa") else ""))
+    if options.get("refine") == "dsnot":
+        parts.append("+dsnot" + ("(all layers)" if options.get("dsnot_skip_layer") == "no_skip" else ""))
+    if options.get("reconstruction"):
+        parts.append("+recon")
+    return " ".join(parts) + owl
 
 
 def run(
@@ -197,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-windows", default="all", help="the first W test windows, or 'all'")
     parser.add_argument("--ablations", action="store_true", help="also Wanda's ablate_* methods")
     parser.add_argument("--tiers", action="store_true", help="the tile pruning and OWL suite instead of the table")
+    parser.add_argument("--masks", action="store_true", help="the RIA / permutation / DSnoT suite instead")
     parser.add_argument("--only", default=None, help="comma-separated methods to run (default: all)")
     parser.add_argument("--out", type=Path, default=None, help="JSON-lines file (default: bench/results/)")
     args = parser.parse_args(argv)
@@ -210,13 +249,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SmolLM2-135M is not available here: {err}")
         return 2
     windows = None if args.eval_windows == "all" else int(args.eval_windows)
-    todo = configs(args.ablations, args.tiers)
+    todo = configs(args.ablations, args.tiers, args.masks)
     if args.only:
         todo = [c for c in todo if c[0] in args.only.split(",")]
     device = "gpu" if torch.cuda.is_available() else "cpu"
     out = args.out or RESULTS_DIR / f"{dt.date.today().isoformat()}_quality-{model_dir.name.lower()}-{device}.jsonl"
     records = run(model_dir, out, args.nsamples, args.seqlen, windows, todo)
-    print("\n" + (format_list(records) if args.tiers else format_table(records)))
+    print("\n" + (format_list(records) if args.tiers or args.masks else format_table(records)))
     print(f"\n{len(records)} records appended to {out}")
     return 0
 

@@ -1,6 +1,6 @@
 """Pruning quality on a real trained model: stories260K (llama2.c), dense vs pruned perplexity.
 
-    python -m bench.stories_quality [--ablations] [--out FILE]
+    python -m bench.stories_quality [--ablations] [--masks] [--out FILE]
 
 The model is Karpathy's stories260K (a 5-layer Llama trained on TinyStories), converted to a Hugging Face
 LlamaForCausalLM from ../shared/data. Evaluation: the first EVAL_CHARS characters of the TinyStories text,
@@ -35,9 +35,17 @@ ABLATION_CONFIGS = [
 ]
 
 
-def run(data_dir: Path = SHARED_DATA, configs: list[tuple[str, str]] = CONFIGS) -> list[dict]:
+def mask_configs() -> list[tuple[str, str, dict]]:
+    """The RIA / permutation / DSnoT suite of ``bench.quality`` (all at 50%), as (method, type, options)."""
+    from bench.quality import MASK_CONFIGS
+
+    return [(method, kind, options) for method, _ratio, kind, options in MASK_CONFIGS]
+
+
+def run(data_dir: Path = SHARED_DATA, configs: list[tuple] = CONFIGS) -> list[dict]:
     import pruning
     from bench.fixtures.llama2c import load_llama2c
+    from bench.quality import label
     from pruning.data import get_calibration_ids, get_eval_ids
     from pruning.evaluate import perplexity
 
@@ -57,14 +65,18 @@ def run(data_dir: Path = SHARED_DATA, configs: list[tuple[str, str]] = CONFIGS) 
     }  # fmt: skip
     records = [{**common, "method": "dense", "sparsity_type": "-", "sparsity": 0.0,
                 "ppl": perplexity(dense, eval_ids, SEQLEN, batch_size=16, progress=False)}]  # fmt: skip
-    for method, sparsity_type in configs:
+    for method, sparsity_type, *rest in configs:
+        options = dict(rest[0]) if rest else {}
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
-        report = pruning.prune_model(model, calib_ids, method, 0.5, sparsity_type, backend="torch")
+        report = pruning.prune_model(model, calib_ids, method, 0.5, sparsity_type, backend="torch", **options)
         seconds = time.perf_counter() - t0
         ppl = perplexity(model, eval_ids, SEQLEN, batch_size=16, progress=False)
-        records.append({**common, "method": method, "sparsity_type": sparsity_type,
-                        "sparsity": report.actual_sparsity, "ppl": ppl, "prune_seconds": seconds})  # fmt: skip
+        record = {**common, "method": method, "sparsity_type": sparsity_type,
+                  "sparsity": report.actual_sparsity, "ppl": ppl, "prune_seconds": seconds}  # fmt: skip
+        if options:
+            record.update(label=label(method, sparsity_type, options), options=options)
+        records.append(record)
     return records
 
 
@@ -72,7 +84,7 @@ def format_table(records: list[dict]) -> str:
     lines = ["| method | sparsity | actual sparsity | ppl |", "|---|---|---|---|"]
     for r in records:
         label = "dense" if r["method"] == "dense" else f"50% {r['sparsity_type']}"
-        lines.append(f"| {r['method']} | {label} | {r['sparsity']:.4f} | {r['ppl']:.3f} |")
+        lines.append(f"| {r.get('label', r['method'])} | {label} | {r['sparsity']:.4f} | {r['ppl']:.3f} |")
     return "\n".join(lines)
 
 
@@ -80,11 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.stories_quality", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="JSON-lines file (default: bench/results/)")
     parser.add_argument("--ablations", action="store_true", help="also Wanda's ablate_* methods")
+    parser.add_argument("--masks", action="store_true", help="the RIA / permutation / DSnoT suite instead")
     args = parser.parse_args(argv)
     if not (SHARED_DATA / "stories260K").is_dir():
         print(f"stories260K not found under {SHARED_DATA}; nothing to measure")
         return 2
-    records = run(configs=CONFIGS + (ABLATION_CONFIGS if args.ablations else []))
+    configs = mask_configs() if args.masks else CONFIGS + (ABLATION_CONFIGS if args.ablations else [])
+    records = run(configs=configs)
     out = (
         args.out or Path(__file__).resolve().parent / "results" / f"{dt.date.today().isoformat()}_stories260k-cpu.jsonl"
     )

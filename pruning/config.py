@@ -7,16 +7,19 @@ import re
 from dataclasses import dataclass, fields
 
 from pruning.errors import OptionError, quote
+from pruning.methods.ablate import ABLATE_METHODS
+from pruning.methods.dsnot import SKIP_LAYERS
 from pruning.methods.owl import ALLOCATIONS
 from pruning.methods.tiers import TIER_TYPES, TierSelection, expected_three_tier_sparsity
 from wanda_kernels.policy import BACKENDS
 from wanda_kernels.reference_tiers import MAX_BLOCK_SIZE
 
 METHODS = (
-    "magnitude", "wanda", "sparsegpt",
+    "magnitude", "wanda", "sparsegpt", "ria",
     # locuslab/wanda's ablations: SparseGPT's updates, the mask chosen by Wanda's or the magnitude metric
     "ablate_mag_seq", "ablate_wanda_seq", "ablate_mag_iter", "ablate_wanda_iter",
 )  # fmt: skip
+REFINES = ("none", "dsnot")
 
 
 def parse_sparsity_type(sparsity_type: str) -> tuple[int, int]:
@@ -55,6 +58,17 @@ class PruneConfig:
     top_blocks_ratio: float = 0.6  # hybrid_2_4
     score_threshold: float = 0.8  # hybrid_2_4
     tier_selection: str = "fork"  # three_tier: fork, balanced, or ingredients joined by '+'
+    # Better masks: RIA's exponent (--a), DSnoT (zyxxmu/DSnoT's defaults), channel permutation for N:M (RIA's
+    # reallocation, lsa its refinement) and the OBS update with the final mask fixed (RIA's --reconstruction)
+    ria_a: float = 0.5
+    refine: str = "none"  # none | dsnot
+    dsnot_update_threshold: float = 0.1
+    dsnot_max_cycles: int = 50
+    dsnot_pow_of_var_regrowing: float = 1.0
+    dsnot_skip_layer: str = "mlp"  # mlp (refine attention only, published) | self_attn | no_skip
+    permute_channels: bool = False
+    lsa: bool = False
+    reconstruction: bool = False
     # Layer allocation (luuyin/OWL's names: Hyper_m, Lamda)
     allocation: str = "uniform"
     owl_m: float = 5.0
@@ -83,6 +97,61 @@ class PruneConfig:
             raise ValueError("SparseGPT needs blocksize > 0 and percdamp > 0")
         self._check_tiers()
         self._check_allocation()
+        self._check_masks()
+
+    def _check_masks(self) -> None:
+        n, m = self.nm
+        if not (_finite(self.ria_a) and self.ria_a >= 0):
+            raise OptionError(f"{{ria_a}} must be a non-negative number (RIA's a, default 0.5), got {self.ria_a}")
+        if self.refine not in REFINES:
+            raise OptionError(f"{{refine}} must be one of {', '.join(REFINES)}, got {quote(repr(self.refine))}")
+        if self.dsnot_skip_layer not in SKIP_LAYERS:
+            raise OptionError(
+                f"{{dsnot_skip_layer}} must be one of {', '.join(SKIP_LAYERS)}, "
+                f"got {quote(repr(self.dsnot_skip_layer))}"
+            )
+        if not (_finite(self.dsnot_update_threshold) and self.dsnot_update_threshold >= 0):
+            raise OptionError(
+                f"{{dsnot_update_threshold}} must be a non-negative number, got {self.dsnot_update_threshold}"
+            )
+        if (
+            isinstance(self.dsnot_max_cycles, bool)
+            or not isinstance(self.dsnot_max_cycles, int)
+            or self.dsnot_max_cycles < 0
+        ):
+            raise OptionError(f"{{dsnot_max_cycles}} must be a non-negative integer, got {self.dsnot_max_cycles!r}")
+        if not (_finite(self.dsnot_pow_of_var_regrowing) and self.dsnot_pow_of_var_regrowing >= 0):
+            raise OptionError(
+                f"{{dsnot_pow_of_var_regrowing}} must be a non-negative number, got {self.dsnot_pow_of_var_regrowing}"
+            )
+        mask_methods = ("wanda", "ria", "magnitude", "sparsegpt")
+        if self.method == "ria" and self.tiered:
+            raise OptionError("{method} ria prunes unstructured or N:M: tile types rank by Wanda's metric (use wanda)")
+        if self.refine != "none":
+            if self.method not in mask_methods or self.tiered:
+                raise OptionError(
+                    "{refine} dsnot refines the mask of {method} wanda, ria, magnitude or sparsegpt "
+                    "(unstructured or N:M)"
+                )
+            if self.use_variant:
+                raise OptionError("{refine} dsnot starts from Wanda's per-row mask: drop {use_variant}")
+        if self.permute_channels:
+            if not m:
+                raise OptionError(
+                    "{permute_channels} reorders input channels so that N:M groups keep more: use an N:M "
+                    f"{{sparsity_type}} such as 2:4 (got {self.sparsity_type})"
+                )
+            if self.method not in ("wanda", "ria", "sparsegpt", *ABLATE_METHODS):
+                raise OptionError("{permute_channels} is for {method} wanda, ria, sparsegpt or an ablate_* method")
+        if self.lsa and not self.permute_channels:
+            raise OptionError("{lsa} refines the channel permutation: add {permute_channels}")
+        if self.reconstruction and (self.method not in mask_methods or self.tiered):
+            raise OptionError("{reconstruction} updates the weights of {method} wanda, ria or magnitude masks")
+        if self.reconstruction and self.method == "sparsegpt" and self.refine == "none":
+            raise OptionError(
+                "{method} sparsegpt already updates the weights as it prunes; {reconstruction} is for a fixed mask "
+                "(wanda, ria, magnitude, or sparsegpt with {refine} dsnot)"
+            )
 
     def _check_tiers(self) -> None:
         selection = TierSelection.parse(self.tier_selection)  # ValueError naming the choices
@@ -122,8 +191,8 @@ class PruneConfig:
             )
         if self.allocation == "uniform":
             return
-        if self.method not in ("wanda", "magnitude", "sparsegpt"):
-            raise OptionError("{allocation} owl is for {method} wanda, magnitude or sparsegpt")
+        if self.method not in ("wanda", "magnitude", "sparsegpt", "ria"):
+            raise OptionError("{allocation} owl is for {method} wanda, ria, magnitude or sparsegpt")
         if self.sparsity_type not in ("unstructured", "three_tier"):
             raise OptionError(
                 "{allocation} owl gives each layer its own sparsity, which N:M and hybrid_2_4 cannot take (2:4 "
@@ -170,9 +239,14 @@ class PruneConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether pruning reads activations: every method but magnitude (which does with OWL), unless nothing is
-        pruned."""
-        return (self.method != "magnitude" or self.allocation == "owl") and self.prunes
+        """Whether pruning reads activations: every method but magnitude (which does with OWL, DSnoT or the
+        reconstruction), unless nothing is pruned."""
+        return (self.layer_statistics or self.allocation == "owl") and self.prunes
+
+    @property
+    def layer_statistics(self) -> bool:
+        """Whether each layer is pruned from calibration statistics (all but plain magnitude)."""
+        return self.method != "magnitude" or self.refine != "none" or self.reconstruction
 
     @classmethod
     def from_options(cls, **options) -> PruneConfig:

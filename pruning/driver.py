@@ -6,7 +6,7 @@
    recompute the layer's outputs with the pruned weights and feed them to the next layer.
    ``true_sequential``: one statistics pass per group, after the earlier groups are pruned.
 Magnitude needs no calibration and skips the forward passes. ``allocation="owl"`` first runs one pass over the
-dense model for each layer's sparsity (``pruning.allocation``); tile types prune by tiers (``methods.tiers``).
+dense model for each layer's sparsity (``pruning.allocation``). Each group is pruned by ``pruning.prune_group``.
 """
 
 from __future__ import annotations
@@ -24,20 +24,14 @@ from tqdm.auto import tqdm
 from pruning.allocation import owl_outlier_ratios
 from pruning.config import PruneConfig
 from pruning.layerwise import LayerInputs, capture_layer_inputs, run_layer, with_smaller_batches_on_oom
-from pruning.methods import (
-    prune_ablate_,
-    prune_magnitude_,
-    prune_sparsegpt_,
-    prune_wanda_,
-    sparsegpt_inverse_hessian,
-)
 from pruning.methods.owl import owl_layer_sparsities
-from pruning.methods.tiers import TierCounts, hybrid_24_mask, prune_tiers_, three_tier_mask, three_tier_ratios_for
+from pruning.methods.tiers import TierCounts, three_tier_ratios_for
 from pruning.placement import compute_device_for, on_device
 from pruning.plan import PrunePlan
 from pruning.plan import plan as make_plan
+from pruning.prune_group import prune_group_
 from pruning.sparsity import check_sparsity, linear_zero_counts
-from pruning.statistics import GroupStatistics, UnsupportedModelOptionError, collect_statistics, collected_for
+from pruning.statistics import UnsupportedModelOptionError, collect_statistics, collected_for, moments_for
 
 __all__ = ["LayerReport", "PruneReport", "UnsupportedModelOptionError", "as_config", "prune_model"]
 
@@ -77,44 +71,6 @@ class PruneReport:
         return asdict(self)
 
 
-MAX_TRITON_SPARSEGPT_BLOCK = 512  # the block kernel keeps a row tile of this many columns in registers
-
-
-def _prune_linear(
-    linear: nn.Linear, stats: GroupStatistics | None, config: PruneConfig, backend: str, hinv=None
-) -> TierCounts | None:
-    """Prune one Linear in place by ``config``; the tiles per tier for tile types, else None."""
-    n, m = config.nm
-    weight = linear.weight.data
-    sparsegpt_backend = backend if config.blocksize <= MAX_TRITON_SPARSEGPT_BLOCK else "torch"
-    if config.tiered:
-        norms = stats.act_sq_norms if stats is not None else None
-        if config.sparsity_type == "three_tier":
-            mask, counts = three_tier_mask(
-                weight, norms, config.block_size, config.top_dense_ratio, config.mid_2_4_ratio,
-                config.bottom_topk_ratio, config.topk_per_block, config.selection, backend=backend,
-            )  # fmt: skip
-        else:
-            mask, counts = hybrid_24_mask(
-                weight, norms, config.block_size, config.topk_per_block, config.top_blocks_ratio,
-                config.score_threshold, backend=backend,
-            )  # fmt: skip
-        prune_tiers_(weight, mask, hinv, config.blocksize, backend=sparsegpt_backend)
-        return counts
-    if config.method == "magnitude":
-        prune_magnitude_(weight, config.sparsity_ratio, n, m, backend=backend)
-    elif config.method == "wanda":
-        prune_wanda_(weight, stats.act_sq_norms, config.sparsity_ratio, n, m, config.use_variant, backend=backend)
-    elif config.method == "sparsegpt":
-        prune_sparsegpt_(
-            weight, None, config.sparsity_ratio, n, m, config.blocksize, hinv=hinv, backend=sparsegpt_backend
-        )
-    else:
-        prune_ablate_(weight, config.method, hinv, stats.ablate_scaler, config.sparsity_ratio, n, m,
-                      config.blocksize, backend=sparsegpt_backend)  # fmt: skip
-    return None
-
-
 def _collect_and_prune(
     layer: nn.Module,
     groups: list[list[str]],
@@ -124,25 +80,14 @@ def _collect_and_prune(
     device: torch.device,
     what: str,
 ) -> TierCounts | None:
-    modules = dict(layer.named_modules())
     kind, norms_too = collected_for(config)
+    moments = moments_for(config)
     stats = with_smaller_batches_on_oom(
-        inputs, lambda: collect_statistics(layer, groups, inputs, kind, norms_too, backend, device), what
+        inputs, lambda: collect_statistics(layer, groups, inputs, kind, norms_too, backend, device, moments), what
     )
     tiers = None
     for group in groups:
-        group_stats = stats[group[0]]
-        hinv = None
-        if group_stats.hessian is not None:  # SparseGPT, its ablations, tiles with the OBS update
-            # One damped Cholesky factorization per input group (q/k/v share it); the Hessian's storage
-            # is its workspace, since nothing reads the Hessian afterwards.
-            hinv = sparsegpt_inverse_hessian(group_stats.hessian, config.percdamp, inplace=True)
-            group_stats.hessian = None
-        for name in group:
-            counts = _prune_linear(modules[name], group_stats, config, backend, hinv)
-            tiers = _add_counts(tiers, counts)
-        del hinv
-    del stats
+        tiers = _add_counts(tiers, prune_group_(layer, group, stats.pop(group[0]), config, backend))
     return tiers
 
 
@@ -241,7 +186,7 @@ def _prune_layers(
     base, adapter, layers, backend = plan.config, plan.adapter, plan.layers, plan.backend
     inputs = None
     store = None
-    if base.method != "magnitude":
+    if base.layer_statistics:
         store = plan.store
         inputs = capture_layer_inputs(model, adapter, calibration_ids, plan.batch_size, store)
     zeros = total = 0
@@ -253,10 +198,9 @@ def _prune_layers(
         tiers = None
         with on_device([layer], device):
             groups = adapter.groups_for(layer)
-            if config.method == "magnitude":
-                modules = dict(layer.named_modules())
-                for name in (n for g in groups for n in g):
-                    tiers = _add_counts(tiers, _prune_linear(modules[name], None, config, backend))
+            if not config.layer_statistics:
+                for group in groups:
+                    tiers = _add_counts(tiers, prune_group_(layer, group, None, config, backend))
             else:
                 for stage in [[g] for g in groups] if config.true_sequential else [groups]:
                     what = f"collecting layer {index}'s statistics"

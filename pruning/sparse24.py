@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "sparse24"
 FORMAT_VERSION = 1
+PERMUTED_FORMAT_VERSION = 2  # adds input_perm to the Linears listed in "permuted_modules"
+READABLE_VERSIONS = (FORMAT_VERSION, PERMUTED_FORMAT_VERSION)
 
 
 def check_packable(model: nn.Module) -> None:
@@ -99,13 +101,19 @@ def save_sparse(model: nn.Module, tokenizer, directory: Path, max_shard_size: in
     try:
         for _, parent, attribute, _, sparse in packed:
             setattr(parent, attribute, sparse)
+        permuted = [full for full, *_, sparse in packed if sparse.input_perm is not None]
         model.config.sparsity_config = {
             "format": FORMAT,
-            "version": FORMAT_VERSION,
+            "version": PERMUTED_FORMAT_VERSION if permuted else FORMAT_VERSION,
             "modules": [full for full, *_ in packed],
             "layout": "values [O, C/2] model dtype (kept entries, lower column first); "
             "meta uint8 [O, C/8]: 2-bit column-in-group of kept value 4b+i in bits [2i, 2i+2) of byte b",
         }
+        if permuted:
+            model.config.sparsity_config["permuted_modules"] = permuted
+            model.config.sparsity_config["permutation"] = (
+                "input_perm int64 [C]: values/meta pack W[:, input_perm]; the input is gathered x[..., input_perm]"
+            )
         model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     finally:
         for _, parent, attribute, linear, _ in packed:
@@ -154,7 +162,7 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu", verify: bo
     spec = getattr(config, "sparsity_config", None)
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         raise ValueError(f"{str(directory)!r} is not a sparse24 checkpoint; load it with from_pretrained")
-    if spec.get("version") != FORMAT_VERSION:
+    if spec.get("version") not in READABLE_VERSIONS:
         version = spec.get("version")
         kind = (
             f" (a {type(version).__name__}, not the integer {FORMAT_VERSION})"
@@ -162,13 +170,14 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu", verify: bo
             else ""
         )
         raise ValueError(
-            f"sparse24 format version {version!r}{kind} is not supported (this reader knows version "
-            f"{FORMAT_VERSION}); export the checkpoint again"
+            f"sparse24 format version {version!r}{kind} is not supported (this reader knows versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}); export the checkpoint again"
         )
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    permuted = set(spec.get("permuted_modules", ()))
     for name in spec["modules"]:
         try:
             linear = model.get_submodule(name)
@@ -178,7 +187,9 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu", verify: bo
                 "not match its config.json"
             ) from None
         parent_name, _, child = name.rpartition(".")
-        sparse = Sparse24Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype, "meta")
+        sparse = Sparse24Linear(
+            linear.in_features, linear.out_features, linear.bias is not None, dtype, "meta", permuted=name in permuted
+        )
         setattr(model.get_submodule(parent_name), child, sparse)
     state = _read_state_dict(directory)
     packed = set(spec["modules"])
@@ -186,6 +197,12 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu", verify: bo
         if name.endswith(".meta") and name.removesuffix(".meta") in packed:
             if tensor.dtype != torch.uint8:
                 raise ValueError(f"{name} is {tensor.dtype}, not uint8: the checkpoint is damaged; export it again")
+        elif name.endswith(".input_perm") and name.removesuffix(".input_perm") in permuted:
+            n = tensor.numel()
+            if tensor.dtype != torch.int64 or not torch.equal(torch.sort(tensor)[0], torch.arange(n)):
+                raise ValueError(
+                    f"{name} is not a permutation of 0..{n - 1}: the checkpoint is damaged; export it again"
+                )
         elif not tensor.dtype.is_floating_point:
             raise ValueError(
                 f"{name} is {tensor.dtype}, not floating point: the checkpoint is damaged; export it again"

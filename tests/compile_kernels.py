@@ -24,10 +24,13 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+import wanda_kernels.dsnot as dsnot  # noqa: E402
 import wanda_kernels.kv_cache as kv_cache  # noqa: E402
 import wanda_kernels.magnitude as magnitude  # noqa: E402
+import wanda_kernels.moments as moments  # noqa: E402
 import wanda_kernels.nm as nm  # noqa: E402
 import wanda_kernels.pack24 as pack24  # noqa: E402
+import wanda_kernels.ria as ria  # noqa: E402
 import wanda_kernels.rmsnorm as rmsnorm  # noqa: E402
 import wanda_kernels.rope as rope  # noqa: E402
 import wanda_kernels.scores as scores  # noqa: E402
@@ -146,6 +149,29 @@ def variants():
         kernel = sparsegpt_block._sparsegpt_block_kernel
         yield f"sparsegpt_block nm={select_nm}", variant(kernel, ptrs, consts, 1, enable_fp_fusion=False)
     yield from tier_variants()
+    yield from refine_variants()
+
+
+def refine_variants():
+    """RIA's two kernels, the moments kernel (its three pass settings) and DSnoT's two swap loops."""
+    for dt in ("fp32", "fp16", "bf16"):
+        ptrs = {"weight_ptr": f"*{dt}", "col_partial_ptr": "*fp32", "row_partial_ptr": "*fp32"}
+        yield f"ria_sums {dt}", variant(ria._abs_sums_partial_kernel, ptrs, {"BLOCK_R": 32, "BLOCK_C": 256}, 4)
+        ptrs = {"weight_ptr": f"*{dt}", "col_sum_ptr": "*fp32", "row_sum_ptr": "*fp32", "act_factor_ptr": "*fp32",
+                "out_ptr": "*fp32"}  # fmt: skip
+        yield f"ria_scores {dt}", variant(ria._ria_scores_kernel, ptrs, {"BLOCK_R": 16, "BLOCK_C": 256}, 4)
+        for sums, deviations in ((True, True), (True, False), (False, True)):
+            ptrs = {"x_ptr": f"*{dt}", "mean_ptr": "*fp32", "sq_partial_ptr": "*fp32", "sum_partial_ptr": "*fp32",
+                    "dev_partial_ptr": "*fp32"}  # fmt: skip
+            consts = {"SUMS": sums, "DEVIATIONS": deviations, "BLOCK_R": 32, "BLOCK_C": 256}
+            yield f"moments {dt} sums={sums} deviations={deviations}", variant(moments._moments_partial_kernel, ptrs,
+                                                                                consts, 4)  # fmt: skip
+    ptrs = {"mask_ptr": "*u8", "metric_ptr": "*fp32", "regrow_ptr": "*i64", "prune_ptr": "*i64", "counts_ptr": "*i64",
+            "error_ptr": "*fp32", "update_threshold": "fp32"}  # fmt: skip
+    yield "dsnot_unstructured", variant(dsnot._dsnot_unstructured_kernel, ptrs, {"BLOCK_R": 32}, 1)
+    ptrs = {"mask_ptr": "*u8", "metric_ptr": "*fp32", "prune_metric_ptr": "*fp32", "regrow_ptr": "*i64",
+            "error_ptr": "*fp32", "update_threshold": "fp32"}  # fmt: skip
+    yield "dsnot_nm", variant(dsnot._dsnot_nm_kernel, ptrs, {"BLOCK_R": 32}, 1)
 
 
 def tier_variants():

@@ -30,6 +30,8 @@ def test_smoke_run_writes_complete_records(tmp_path, capsys):
     providers = {(r["op"], r["provider"]) for r in records}
     expected = {("wanda_prune_2:4", "ours"), ("wanda_prune_2:4", "locuslab"), ("wanda_prune_unstructured", "ours")}
     expected |= {("three_tier", "ours"), ("three_tier", "reference"), ("three_tier", "fork_loop")}
+    expected |= {(op, p) for op in ("ria_scores", "dsnot_unstructured", "dsnot_2:4", "accumulate_moments")
+                 for p in ("ours", "reference", "published")}  # fmt: skip
     assert expected <= providers
     fork = [r for r in records if r["provider"] == "fork_loop"]
     # One shape only. Its mismatches are fp16 ties, which the fork's unstable topk breaks either way.

@@ -8,7 +8,8 @@ topk, broadcasting), not speed, with locuslab/wanda's semantics:
 * Magnitude: one threshold per matrix, ``|w| <= sort(|W|)[int(numel * sparsity)]``.
 * SparseGPT block: the published column loop of one block (OBS updates with U, the upper Cholesky factor of
   H^-1), N:M groups by a stable sort of ``w^2 / U_jj^2`` as the pruning method does.
-Tile ops (three_tier, hybrid_2_4): ``wanda_kernels/reference_tiers.py``, re-exported here.
+Tile ops (three_tier, hybrid_2_4): ``wanda_kernels/reference_tiers.py``; RIA, moments and DSnoT:
+``wanda_kernels/reference_dsnot.py``; both re-exported here.
 Non-finite scores order as in ``torch.sort``: NaN above +inf, so NaN and inf entries are pruned last (why:
 docs/kernels.md); ``-0.0`` equals ``+0.0``. ``sparsity == 0`` prunes nothing (locuslab/wanda's ``main.py``).
 """
@@ -23,6 +24,12 @@ from wanda_kernels._validate import (
     check_nm,
     check_sparsegpt_block,
     check_sparsity,
+)
+from wanda_kernels.reference_dsnot import (  # noqa: F401
+    accumulate_moments_torch,
+    dsnot_nm_torch,
+    dsnot_unstructured_torch,
+    ria_scores_torch,
 )
 from wanda_kernels.reference_tiers import tier_mask_torch, tile_scores_torch, tile_tiers_torch  # noqa: F401
 

@@ -83,7 +83,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--zero_shot_include_path", default=None, help="directory of extra lm-eval task YAMLs (offline)")
     add_tier_flags(p)
+    add_mask_flags(p)
     return p
+
+
+# RIA, DSnoT and channel permutation (their repositories' flag names are accepted as aliases). Defaults are None,
+# as above: a DSnoT flag without --refine dsnot is an error; the values used when left out are the published ones.
+DSNOT_FLAGS = {  # flag name -> (aliases, type, help)
+    "dsnot_update_threshold": (("--update_threshold",), float, "--refine dsnot: stop a row at this |error| (0.1)"),
+    "dsnot_max_cycles": (("--max_cycle_time",), int, "--refine dsnot: swap cycles per row at most (50)"),
+    "dsnot_pow_of_var_regrowing": (("--pow_of_var_regrowing",), float, "--refine dsnot: variance power (1)"),
+}
+
+
+def add_mask_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ria_a", "--a", dest="ria_a", type=float, default=None,
+                   help="--prune_method ria: exponent of the activation norm (default 0.5)")  # fmt: skip
+    p.add_argument("--refine", choices=["none", "dsnot"], default="none",
+                   help="refine the mask: dsnot (training-free prune-and-grow, Zhang et al. 2024)")  # fmt: skip
+    for name, (aliases, kind, text) in DSNOT_FLAGS.items():
+        p.add_argument(f"--{name}", *aliases, dest=name, type=kind, default=None, help=text)
+    p.add_argument(
+        "--dsnot_skip_layer", "--skip_layer", dest="dsnot_skip_layer", default=None,
+        choices=["mlp", "self_attn", "no_skip"],
+        help="--refine dsnot: Linears left as the method pruned them (default mlp: refine attention only)",
+    )  # fmt: skip
+    p.add_argument(
+        "--permute_channels", "--reallocation", dest="permute_channels", action="store_true",
+        help="N:M: reorder input channels first (RIA's channel reallocation), folded into the model",
+    )  # fmt: skip
+    p.add_argument("--lsa", action="store_true", help="--permute_channels: refine by linear sum assignment (scipy)")
+    p.add_argument(
+        "--reconstruction", action="store_true",
+        help="update the kept weights with SparseGPT's OBS step, the final mask fixed (RIA's flag)",
+    )  # fmt: skip
 
 
 # Tile pruning and layer allocation. Defaults are None so that a flag given where it does nothing is an error;

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from pruning.cli.parser import DSNOT_FLAGS
 from pruning.config import PruneConfig
 
 
@@ -103,6 +104,7 @@ def validate_args(args: argparse.Namespace) -> PruneConfig:
         backend=args.backend,
         calib_batch_size=args.calib_batch_size,
         **_tier_and_allocation_options(args),
+        **_mask_options(args),
     )
     check_backend(config)
     if args.eval_zero_shot:
@@ -133,6 +135,26 @@ def validate_args(args: argparse.Namespace) -> PruneConfig:
 
         check_save_model_dir(args.save_model, args.overwrite)
     return config
+
+
+def _mask_options(args: argparse.Namespace) -> dict:
+    """RIA's and DSnoT's flags as config options, refusing those that the run would ignore."""
+    options = {
+        "refine": args.refine, "permute_channels": args.permute_channels, "lsa": args.lsa,
+        "reconstruction": args.reconstruction,
+    }  # fmt: skip
+    if args.ria_a is not None:
+        if args.prune_method != "ria":
+            raise ValueError(f"--ria_a is RIA's exponent; it applies to --prune_method ria, not {args.prune_method}")
+        options["ria_a"] = args.ria_a
+    for name in (*DSNOT_FLAGS, "dsnot_skip_layer"):
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if args.refine != "dsnot":
+            raise ValueError(f"--{name} tunes --refine dsnot, which is not given; add it or drop the flag")
+        options[name] = value
+    return options
 
 
 PATH_FLAGS = ("model", "save", "save_model", "calib_dataset", "eval_dataset", "cache_dir", "zero_shot_include_path")

@@ -1,6 +1,8 @@
 """The runtime 2:4 Linear: numerically ``F.linear`` on the dense-with-zeros weight, stored packed.
 
-Storage: kept values [O, C/2] (model dtype) and 2-bit indices uint8 [O, C/8] (``wanda_kernels.pack24``).
+Storage: kept values [O, C/2] (model dtype) and 2-bit indices uint8 [O, C/8] (``wanda_kernels.pack24``); for a
+weight that is 2:4 only in a permuted input order (``pruning.permutation``, carried), also ``input_perm`` int64 [C]:
+the packed weight is ``W[:, input_perm]`` and the input is gathered ``x[..., input_perm]`` before the product.
 Forward: on the CPU the dense weight (unpacked once); on CUDA the fastest of our Triton GEMV (M <= 16 rows),
 cuSPARSELt and, on sm8x, torch's CUTLASS 2:4 GEMM, timed once per row count outside graph capture.
 Why these candidates and how one is chosen: docs/sparse24.md.
@@ -42,7 +44,9 @@ class Sparse24Linear(nn.Module):
 
     decode_max_tokens = 16  # at or below, our Triton GEMV is a candidate (the first); above, the 2:4 GEMMs
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None, permuted: bool = False
+    ):
         super().__init__()
         if in_features % 8:
             raise ValueError(f"Sparse24Linear needs in_features divisible by 8, got {in_features}")
@@ -50,7 +54,10 @@ class Sparse24Linear(nn.Module):
         self.register_buffer("values", torch.empty(out_features, in_features // 2, dtype=dtype, device=device))
         self.register_buffer("meta", torch.empty(out_features, in_features // 8, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
-        self._dense_cache: torch.Tensor | None = None
+        perm = torch.empty(in_features, dtype=torch.long, device=device) if permuted else None
+        self.register_buffer("input_perm", perm)  # None: not in the state dict
+        self._dense_cache: torch.Tensor | None = None  # CPU: the weight in the original input order
+        self._packed_cache: torch.Tensor | None = None  # CUDA's dense fallback: in the packed order
         self._cslt_weight: torch.Tensor | None = None
         self._cslt_alg: dict[int, int] = {}
         self._cutlass_weight: torch.Tensor | None = None
@@ -61,13 +68,19 @@ class Sparse24Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, name: str = "linear") -> Sparse24Linear:
         """Pack a 2:4-pruned Linear; ValueError naming ``name`` if its weight is not 2:4."""
         weight = linear.weight.data
+        perm = getattr(linear, "input_permutation", None)
         try:
-            module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype, weight.device)
-            values, meta = _pack(weight)
+            module = cls(
+                linear.in_features, linear.out_features, linear.bias is not None, weight.dtype, weight.device,
+                permuted=perm is not None,
+            )  # fmt: skip
+            values, meta = _pack(weight if perm is None else weight[:, perm.to(weight.device)].contiguous())
         except ValueError as err:
             raise ValueError(f"cannot store {name} as 2:4: {err}") from None
         module.values.copy_(values)
         module.meta.copy_(meta)
+        if perm is not None:
+            module.input_perm.copy_(perm)
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.data)
         return module
@@ -79,8 +92,15 @@ class Sparse24Linear(nn.Module):
         first = modules[0]
         if any(m.in_features != first.in_features or (m.bias is None) != (first.bias is None) for m in modules):
             raise ValueError("only Sparse24Linears with one in_features and all or no biases can be concatenated")
+        if any(not _same_perm(m.input_perm, first.input_perm) for m in modules):
+            raise ValueError("only Sparse24Linears with the same input permutation (or none) can be concatenated")
         out_features = sum(m.out_features for m in modules)
-        fused = cls(first.in_features, out_features, first.bias is not None, first.values.dtype, first.values.device)
+        fused = cls(
+            first.in_features, out_features, first.bias is not None, first.values.dtype, first.values.device,
+            permuted=first.input_perm is not None,
+        )  # fmt: skip
+        if first.input_perm is not None:
+            fused.input_perm.copy_(first.input_perm)
         fused.values.copy_(torch.cat([m.values for m in modules]))
         fused.meta.copy_(torch.cat([m.meta for m in modules]))
         if first.bias is not None:
@@ -88,16 +108,29 @@ class Sparse24Linear(nn.Module):
         return fused
 
     def to_dense(self) -> torch.Tensor:
-        """The dense [O, C] weight with exact zeros."""
+        """The dense [O, C] weight with exact zeros, in the input order of the Linear it replaces."""
+        packed = self.packed_dense()
+        if self.input_perm is None:
+            return packed
+        dense = torch.empty_like(packed)
+        dense[:, self.input_perm] = packed
+        return dense
+
+    def packed_dense(self) -> torch.Tensor:
+        """The dense form of what is packed: 2:4 in every row, ``W[:, input_perm]`` if permuted."""
         return _unpack(self.values, self.meta)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, 2:4"
+        permuted = ", input permuted" if self.input_perm is not None else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"2:4{permuted}"
+        )
 
     def invalidate_caches(self) -> None:
         """Drop every derived form of the weight (dense, cuSPARSELt, CUTLASS) and the backend choices; call it
         after editing ``values`` or ``meta`` in place. Moves and ``load_state_dict`` call it themselves."""
-        self._dense_cache = self._cslt_weight = self._cutlass_weight = None
+        self._dense_cache = self._packed_cache = self._cslt_weight = self._cutlass_weight = None
         self._cslt_alg, self._backends = {}, {}
 
     def _apply(self, fn, recurse=True):
@@ -114,6 +147,8 @@ class Sparse24Linear(nn.Module):
                 warnings.warn("Sparse24Linear on CPU runs the dense weight (no sparse speed-up there)", stacklevel=2)
                 self._dense_cache = self.to_dense()
             return F.linear(x, self._dense_cache, self.bias)
+        if self.input_perm is not None:  # one gather of x per call (a cost bench/inference.py measures)
+            x = x.index_select(-1, self.input_perm)
         return getattr(self, f"_{self._backend_for(x)}_linear")(x)
 
     def _backend_for(self, x: torch.Tensor) -> str:
@@ -181,7 +216,7 @@ class Sparse24Linear(nn.Module):
         n_tokens = x2d.shape[0]
         padded = -(-n_tokens // CUSPARSELT_ROW_MULTIPLE) * CUSPARSELT_ROW_MULTIPLE
         if self._cslt_weight is None:
-            self._cslt_weight = torch._cslt_compress(self.to_dense())
+            self._cslt_weight = torch._cslt_compress(self.packed_dense())
         if padded != n_tokens:
             x2d = F.pad(x2d, (0, 0, 0, padded - n_tokens))
         dense_b = x2d.t()  # [C, M] view: W @ x^T, written back transposed = contiguous [M, O]
@@ -198,14 +233,18 @@ class Sparse24Linear(nn.Module):
         if self._cutlass_weight is None:
             from torch.sparse import SparseSemiStructuredTensorCUTLASS
 
-            self._cutlass_weight = SparseSemiStructuredTensorCUTLASS.from_dense(self.to_dense())
+            self._cutlass_weight = SparseSemiStructuredTensorCUTLASS.from_dense(self.packed_dense())
         y = F.linear(x.reshape(-1, self.in_features), self._cutlass_weight, self.bias)
         return y.contiguous().reshape(*x.shape[:-1], self.out_features)
 
-    def _dense_linear(self, x: torch.Tensor) -> torch.Tensor:
-        if self._dense_cache is None:
-            self._dense_cache = self.to_dense()
-        return F.linear(x, self._dense_cache, self.bias)
+    def _dense_linear(self, x: torch.Tensor) -> torch.Tensor:  # x already gathered: the packed order
+        if self._packed_cache is None:
+            self._packed_cache = self.packed_dense()
+        return F.linear(x, self._packed_cache, self.bias)
+
+
+def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
 def _pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,10 @@ OP_NAMES: tuple[str, ...] = (
     "tile_scores",
     "tile_tiers",
     "tier_mask",
+    "ria_scores",
+    "accumulate_moments_",
+    "dsnot_unstructured_",
+    "dsnot_nm_",
 )
 
 
@@ -45,6 +49,10 @@ class KernelOps:
     tile_scores: Callable
     tile_tiers: Callable
     tier_mask: Callable
+    ria_scores: Callable
+    accumulate_moments_: Callable
+    dsnot_unstructured_: Callable
+    dsnot_nm_: Callable
 
 
 def kernel_ops(backend: str) -> KernelOps:
