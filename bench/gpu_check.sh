@@ -5,7 +5,9 @@
 # so a step cut off keeps what it measured:
 #   1. the tests marked `gpu` (cuSPARSELt / CUTLASS / CUDA-graph paths against dense references), and the 2:4
 #      GEMV and decode-kernel tests compiled for this GPU;
-#   2. SparseGPT on OPT-1.3B, ours then the reference code path (issue 5: <= 12 s, >= 8x);
+#   2. the Hessian GEMM's precision and cuSPARSELt's calls (bench/gpu_diagnose.py), then SparseGPT on OPT-1.3B,
+#      ours then the reference code path (issue 5: <= 12 s, >= 8x; a Hessian warning in the log = the fast path
+#      failed its check);
 #   3. 2:4 inference, quick: per-Linear at M = 1, 16, 2048, 8192, then OPT-13B prefill and decode (issue 4);
 #   4. Wanda on OPT-6.7B, then the mask kernels on real shapes, against locuslab/wanda's code path;
 #   5. SparseGPT on OPT-6.7B, ours only (issue 5: <= 45 s);
@@ -99,6 +101,9 @@ main() {
             tests/test_sparse24_kernels.py tests/test_fusion.py tests/test_tier_kernels.py tests/test_dsnot_kernels.py \
             -k "not every_gpu_candidate and not fused_"
     fi
+
+    # The Hessian GEMM's precision and cuSPARSELt's calls, each case in its own process (bench/gpu_diagnose.py).
+    step "diagnose: gram precision, cuSPARSELt" 60 0 "0" "$PY" -m bench.gpu_diagnose
 
     local bench=("$PY" -m bench --out "$OUT_DIR/bench.jsonl")
     if (($#)); then

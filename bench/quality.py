@@ -77,6 +77,14 @@ MASK_CONFIGS = [
     ("sparsegpt", 0.5, "unstructured", DSNOT),
     ("ria", 0.5, "2:4", {**PERM, "lsa": True}),
     ("wanda", 0.5, "2:4", {"refine": "dsnot", "dsnot_skip_layer": "no_skip"}),
+    # after the first pass: SparseGPT's own mask choice beats every fixed mask here, so its family goes further
+    ("sparsegpt", 0.5, "2:4", {**PERM, "lsa": True}),
+    ("ablate_wanda_iter", 0.5, "2:4", {}),
+    ("ablate_wanda_iter", 0.5, "2:4", PERM),
+    ("wanda", 0.5, "2:4", {**PERM, **RECON}),
+    ("wanda", 0.5, "unstructured", RECON),
+    ("wanda", 0.5, "unstructured", {**DSNOT, **RECON}),
+    ("ablate_wanda_iter", 0.5, "unstructured", {}),
 ]
 
 

@@ -143,6 +143,7 @@ def test_gpu_run_on_real_widths_agrees_with_the_reference():
     """OPT-125M's real widths, a small calibration set: Triton backend, fp16, masks as the reference's."""
     runs = [e2e.E2ERun("opt-125m", "wanda", "unstructured"), e2e.E2ERun("opt-125m", "wanda", "2:4")]
     records = e2e.run(torch.device("cuda"), smoke=False, runs=runs, nsamples=16, seqlen=256)
+    records = [r for r in records if r.get("compared") is not False]  # ours again, before the reference ran
     assert len(records) == 4
     for r in records:
         assert r["correct"] is True, r

@@ -395,6 +395,65 @@ def test_an_out_of_memory_error_in_the_tensor_core_gram_is_not_a_missing_feature
             sparsegpt_module._gram_on_tensor_cores(x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_tensor_core_gram_is_taken_only_where_it_sums_in_fp32(monkeypatch, dtype) -> None:
+    """The probe: an fp32-summing GEMM passes; one whose sums round to 16 bits (fp16 accumulation, or split-K
+    partials in fp16, as cuBLAS may do) is refused, so the Hessian falls back to the exact fp32 SGEMM."""
+    from pruning.methods import sparsegpt as sparsegpt_module
+
+    probe = sparsegpt_module._tensor_core_gram_supported.__wrapped__  # uncached
+
+    def exact(a, b, out_dtype=None):
+        return (a.double() @ b.double()).to(out_dtype)
+
+    def sums_in_16_bits(a, b, out_dtype=None):
+        return (a.double() @ b.double()).to(dtype).to(out_dtype)
+
+    monkeypatch.setattr(torch, "mm", exact)
+    assert probe(torch.device("cpu"), dtype) is True
+    monkeypatch.setattr(torch, "mm", sums_in_16_bits)
+    assert probe(torch.device("cpu"), dtype) is False
+
+
+def test_the_tensor_core_gram_sums_short_products(monkeypatch) -> None:
+    """Rows go to the GEMM in chunks of GRAM_CHUNK_ROWS (a long tensor-core sum lost 7.7e-4 of the diagonal on an
+    H200), and the chunks' products add up to X^T X."""
+    from pruning.methods import sparsegpt as sparsegpt_module
+
+    monkeypatch.setattr(sparsegpt_module, "_tensor_core_gram_supported", lambda device, dtype: True)
+    monkeypatch.setattr(sparsegpt_module, "_DISABLED_GRAM_DEVICES", set())
+    monkeypatch.setattr(sparsegpt_module, "GRAM_CHUNK_ROWS", 24)
+    rows_per_call = []
+
+    def exact(a, b, out_dtype=None):
+        rows_per_call.append(a.shape[1])
+        return (a.double() @ b.double()).to(out_dtype)
+
+    monkeypatch.setattr(torch, "mm", exact)
+    x = torch.Tensor._make_subclass(_SaysCuda, torch.randn(60, 8).half())
+    gram = sparsegpt_module._gram_on_tensor_cores(x)
+    assert rows_per_call == [24, 24, 12]
+    torch.testing.assert_close(gram, (x.double().T @ x.double()).float())
+
+
+def test_a_tensor_core_gram_with_a_wrong_diagonal_switches_the_fast_path_off(monkeypatch) -> None:
+    """Each batch's gram diagonal is checked against an fp32 sum of squares: a mismatch returns None (the caller
+    takes the fp32 SGEMM) and keeps the fast path off for that device and dtype."""
+    from pruning.methods import sparsegpt as sparsegpt_module
+
+    monkeypatch.setattr(sparsegpt_module, "_tensor_core_gram_supported", lambda device, dtype: True)
+    monkeypatch.setattr(sparsegpt_module, "_DISABLED_GRAM_DEVICES", set())
+    x = torch.Tensor._make_subclass(_SaysCuda, torch.randn(64, 8).half())
+    monkeypatch.setattr(torch, "mm", lambda a, b, out_dtype=None: (a.double() @ b.double()).to(out_dtype))
+    gram = sparsegpt_module._gram_on_tensor_cores(x)
+    torch.testing.assert_close(gram, (x.double().T @ x.double()).float())
+    monkeypatch.setattr(torch, "mm", lambda a, b, out_dtype=None: (a.double() @ b.double()).to(out_dtype) * 1.01)
+    assert sparsegpt_module._gram_on_tensor_cores(x) is None
+    assert sparsegpt_module._DISABLED_GRAM_DEVICES == {(torch.device("cuda", 0), torch.float16)}
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: pytest.fail("the fast path ran after being switched off"))
+    assert sparsegpt_module._gram_on_tensor_cores(x) is None
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_hessian_from_half_activations_uses_tensor_cores_on_cuda(dtype) -> None:
@@ -405,7 +464,10 @@ def test_hessian_from_half_activations_uses_tensor_cores_on_cuda(dtype) -> None:
     hessian, seen = torch.zeros(512, 512, device="cuda"), 0
     for x in batches:
         seen = accumulate_hessian_(hessian, x.cuda(), seen)
-    assert sparsegpt_module._MM_OUT_DTYPE["works"] is True, "fell back to the fp32 SGEMM"
+    assert sparsegpt_module._tensor_core_gram_supported(torch.device("cuda", torch.cuda.current_device()), dtype), (
+        "fell back to the fp32 SGEMM"
+    )
+    assert not sparsegpt_module._DISABLED_GRAM_DEVICES, "the per-batch diagonal check switched the fast path off"
     expected = _hessian([b.float() for b in batches])
     # fp32 sums of 3072 exact products per entry: ~1e-6 of the largest entry
     torch.testing.assert_close(hessian.cpu().double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))

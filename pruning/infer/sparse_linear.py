@@ -11,6 +11,7 @@ Why these candidates and how one is chosen: docs/sparse24.md.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 import torch
@@ -23,6 +24,7 @@ from wanda_kernels.policy import resolve_backend
 log = logging.getLogger(__name__)
 
 CUSPARSELT_ROW_MULTIPLE = 16  # dense operand rows are padded to this for cuSPARSELt
+CUSPARSELT_SEARCH_ENV = "WANDA_CUSPARSELT_SEARCH"  # "1": run cuSPARSELt's algorithm search (off by default)
 
 
 def _kernels():
@@ -175,7 +177,7 @@ class Sparse24Linear(nn.Module):
 
     def _pick_backend(self, x: torch.Tensor, candidates: list[str]) -> str:
         """The fastest of ``candidates`` for this row count: each is run once (Triton autotuning, weight
-        compression, cuSPARSELt's algorithm search), then timed over 3 calls. If none runs (old GPU, missing
+        compression), then timed over 3 calls. If none runs (old GPU, missing
         library), the dense weight is used, with a warning."""
         times = {}
         for name in candidates:
@@ -210,7 +212,7 @@ class Sparse24Linear(nn.Module):
         return sparse24_mm.sparse24_linear(x, self.values, self.meta, self.bias)
 
     def _cusparselt_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """cuSPARSELt: weight compressed once, algorithm searched once per padded row count, bias fused, the
+        """cuSPARSELt: weight compressed once, its default algorithm (``_cusparselt_algorithm``), bias fused, the
         product written transposed so that the [M, O] result is contiguous."""
         x2d = x.reshape(-1, self.in_features)
         n_tokens = x2d.shape[0]
@@ -222,9 +224,7 @@ class Sparse24Linear(nn.Module):
         dense_b = x2d.t()  # [C, M] view: W @ x^T, written back transposed = contiguous [M, O]
         alg = self._cslt_alg.get(padded)
         if alg is None:
-            alg = self._cslt_alg[padded] = torch._cslt_sparse_mm_search(
-                self._cslt_weight, dense_b, bias=self.bias, transpose_result=True
-            )
+            alg = self._cslt_alg[padded] = _cusparselt_algorithm(self._cslt_weight, dense_b, self.bias)
         y = torch._cslt_sparse_mm(self._cslt_weight, dense_b, bias=self.bias, transpose_result=True, alg_id=alg)
         return y[:n_tokens].contiguous().reshape(*x.shape[:-1], self.out_features)
 
@@ -241,6 +241,15 @@ class Sparse24Linear(nn.Module):
         if self._packed_cache is None:
             self._packed_cache = self.packed_dense()
         return F.linear(x, self._packed_cache, self.bias)
+
+
+def _cusparselt_algorithm(compressed: torch.Tensor, dense_b: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """cuSPARSELt's algorithm id: 0 (its default, as ``to_sparse_semi_structured`` uses) unless
+    ``WANDA_CUSPARSELT_SEARCH=1`` asks for its search: on an H200 with torch 2.11 the search failed with an internal
+    error, and the next kernel launched reported an illegal instruction (docs/sparse24.md)."""
+    if os.environ.get(CUSPARSELT_SEARCH_ENV) != "1":
+        return 0
+    return torch._cslt_sparse_mm_search(compressed, dense_b, bias=bias, transpose_result=True)
 
 
 def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

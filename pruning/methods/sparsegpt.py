@@ -58,30 +58,77 @@ def accumulate_hessian_(hessian: torch.Tensor, x: torch.Tensor, n_seen: int) -> 
     return total
 
 
+_DISABLED_GRAM_DEVICES: set[tuple[torch.device, torch.dtype]] = set()  # failed the per-batch diagonal check
+GRAM_PROBE_ROWS = 4096  # the probe's K: long enough that a 16-bit accumulation or split-K reduction shows
+GRAM_PROBE_RTOL = 3e-5  # fp32 sums of 4096 positive products: ~1e-6; any 16-bit rounding of a sum: ~2.4e-4
+GRAM_CHUNK_ROWS = 4096  # rows per tensor-core product: long ones lose precision (H200: 7.7e-4 at 131072 rows)
+GRAM_DIAGONAL_RTOL = 1e-4  # each batch's gram diagonal against an fp32 sum of squares (fp32 sums: ~1e-6)
+
+
 @functools.cache
 def _tensor_core_gram_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this torch and GPU run ``torch.mm(..., out_dtype=torch.float32)`` on ``dtype`` inputs (torch >= 2.8):
-    a property of the installation, probed once per device and dtype on a tiny product."""
-    probe = torch.ones(16, 16, dtype=dtype, device=device)
+    """Whether ``torch.mm(..., out_dtype=torch.float32)`` on ``dtype`` inputs runs here (torch >= 2.8) *and* sums in
+    fp32: probed once per device and dtype against a float64 product."""
+    gen = torch.Generator().manual_seed(0)
+    probe = (1 + torch.rand(GRAM_PROBE_ROWS, 16, generator=gen)).to(dtype)  # positive: no cancellation
+    exact = probe.double().T @ probe.double()
+    probe = probe.to(device)
     try:
-        torch.mm(probe, probe, out_dtype=torch.float32)
+        with _full_precision_reductions():
+            got = torch.mm(probe.T, probe, out_dtype=torch.float32)
     except torch.OutOfMemoryError:
         raise  # a RuntimeError too, but no answer: not cached, asked again next time
     except (TypeError, RuntimeError, NotImplementedError) as err:
         logger.info("Hessian: no fp16-in/fp32-out GEMM here (%s); using fp32 SGEMM", str(err).splitlines()[0])
         return False
+    error = float(((got.cpu().double() - exact) / exact).abs().max())
+    if error > GRAM_PROBE_RTOL:
+        logger.warning(
+            "Hessian: the %s GEMM with fp32 output is off by %.3g (relative) on a probe: it does not sum in fp32 "
+            "here; using fp32 SGEMM (slower, exact)", dtype, error,
+        )  # fmt: skip
+        return False
     return True
 
 
+class _full_precision_reductions:
+    """cuBLAS without its reduced-precision (16-bit) split-K reductions, for the duration of a Hessian product."""
+
+    def __enter__(self):
+        matmul = torch.backends.cuda.matmul
+        self.saved = (matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction)
+        matmul.allow_fp16_reduced_precision_reduction = False
+        matmul.allow_bf16_reduced_precision_reduction = False
+
+    def __exit__(self, *exc):
+        matmul = torch.backends.cuda.matmul
+        matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction = self.saved
+
+
 def _gram_on_tensor_cores(x2d: torch.Tensor) -> torch.Tensor | None:
-    """``X^T X`` in fp32 straight from fp16/bf16 activations on CUDA (tensor cores, fp32 accumulation and output:
-    the same fp32 sum as the reference's SGEMM in another order), or None where that is not available.
-    Why it matters for the pruning time: docs/sparsegpt.md."""
+    """``X^T X`` in fp32 straight from fp16/bf16 activations on CUDA (tensor cores, fp32 output), or None where that
+    is not available. The rows go in chunks of ``GRAM_CHUNK_ROWS`` whose products are summed in fp32, and each result's
+    diagonal is checked against an fp32 sum of squares; a mismatch switches the path off for the process.
+    Why it matters for the pruning time, and what a GPU measured: docs/sparsegpt.md."""
     if x2d.device.type != "cuda" or x2d.dtype not in (torch.float16, torch.bfloat16):
         return None
-    if not _tensor_core_gram_supported(x2d.device, x2d.dtype):
+    if (x2d.device, x2d.dtype) in _DISABLED_GRAM_DEVICES or not _tensor_core_gram_supported(x2d.device, x2d.dtype):
         return None
-    return torch.mm(x2d.T, x2d, out_dtype=torch.float32)
+    with _full_precision_reductions():
+        gram = None
+        for chunk in x2d.split(GRAM_CHUNK_ROWS):  # short sums on tensor cores, added up in IEEE fp32
+            part = torch.mm(chunk.T, chunk, out_dtype=torch.float32)
+            gram = part if gram is None else gram.add_(part)
+    squares = torch.linalg.vector_norm(x2d, dim=0, dtype=torch.float32).square()
+    error = float(((torch.diagonal(gram) - squares).abs() / squares.clamp_min(torch.finfo(torch.float32).tiny)).max())
+    if error > GRAM_DIAGONAL_RTOL:
+        logger.warning(
+            "Hessian: the tensor-core gram's diagonal is off by %.3g (relative) from an fp32 sum of squares; "
+            "using fp32 SGEMM from now on", error,
+        )  # fmt: skip
+        _DISABLED_GRAM_DEVICES.add((x2d.device, x2d.dtype))
+        return None
+    return gram
 
 
 def _upper_cholesky_of_inverse(hessian: torch.Tensor) -> torch.Tensor:
