@@ -54,6 +54,7 @@ TIER_CONFIGS = [
 # Better masks (RIA, channel permutation, DSnoT, the fixed-mask OBS update): each ingredient alone and together,
 # for Wanda, RIA and SparseGPT, at 2:4 and 50% unstructured; the rows that decide the recommendation first.
 PERM, DSNOT, RECON = {"permute_channels": True}, {"refine": "dsnot"}, {"reconstruction": True}
+REFIT = {"refit": True}
 MASK_CONFIGS = [
     ("sparsegpt", 0.5, "2:4", {}),
     ("ria", 0.5, "2:4", {**PERM, **DSNOT, **RECON}),
@@ -85,6 +86,12 @@ MASK_CONFIGS = [
     ("wanda", 0.5, "unstructured", RECON),
     ("wanda", 0.5, "unstructured", {**DSNOT, **RECON}),
     ("ablate_wanda_iter", 0.5, "unstructured", {}),
+    # the least-squares refit on the final mask (pruning.methods.refit), after SparseGPT's own update
+    ("sparsegpt", 0.5, "unstructured", REFIT),
+    ("sparsegpt", 0.5, "2:4", {**PERM, **REFIT}),
+    ("sparsegpt", 0.5, "2:4", REFIT),
+    ("wanda", 0.5, "unstructured", REFIT),
+    ("sparsegpt", 0.5, "unstructured", {**REFIT, "refit_iters": 50}),
 ]
 
 
@@ -112,6 +119,8 @@ def label(method: str, kind: str, options: dict) -> str:
         parts.append("+dsnot" + ("(all layers)" if options.get("dsnot_skip_layer") == "no_skip" else ""))
     if options.get("reconstruction"):
         parts.append("+recon")
+    if options.get("refit"):
+        parts.append("+refit" + (f"({options['refit_iters']})" if "refit_iters" in options else ""))
     return " ".join(parts) + owl
 
 

@@ -69,6 +69,8 @@ class PruneConfig:
     permute_channels: bool = False
     lsa: bool = False
     reconstruction: bool = False
+    refit: bool = False  # least-squares refit of the kept weights on their support (pruning.methods.refit)
+    refit_iters: int = 10
     # Layer allocation (luuyin/OWL's names: Hyper_m, Lamda)
     allocation: str = "uniform"
     owl_m: float = 5.0
@@ -147,6 +149,8 @@ class PruneConfig:
             raise OptionError("{lsa} refines the channel permutation: add {permute_channels}")
         if self.reconstruction and (self.method not in mask_methods or self.tiered):
             raise OptionError("{reconstruction} updates the weights of {method} wanda, ria or magnitude masks")
+        if isinstance(self.refit_iters, bool) or not isinstance(self.refit_iters, int) or self.refit_iters < 1:
+            raise OptionError(f"{{refit_iters}} must be a positive integer, got {self.refit_iters!r}")
         if self.reconstruction and self.method == "sparsegpt" and self.refine == "none":
             raise OptionError(
                 "{method} sparsegpt already updates the weights as it prunes; {reconstruction} is for a fixed mask "
@@ -246,7 +250,7 @@ class PruneConfig:
     @property
     def layer_statistics(self) -> bool:
         """Whether each layer is pruned from calibration statistics (all but plain magnitude)."""
-        return self.method != "magnitude" or self.refine != "none" or self.reconstruction
+        return self.method != "magnitude" or self.refine != "none" or self.reconstruction or self.refit
 
     @classmethod
     def from_options(cls, **options) -> PruneConfig:

@@ -2,7 +2,8 @@
 
 Per Linear: a mask from the method's score (magnitude, Wanda, RIA; SparseGPT chooses its own during the OBS
 sweep), refined by DSnoT (``refine="dsnot"``), then the weights zeroed, or updated by SparseGPT's OBS step with
-the mask fixed (``reconstruction``). With ``permute_channels`` the whole group is pruned in a permuted input order
+the mask fixed (``reconstruction``); then, with ``refit``, the kept weights refit to their least-squares optimum on
+the mask (``pruning.methods.refit``). With ``permute_channels`` the whole group is pruned in a permuted input order
 (one permutation per input, from the group's stacked scores), which ``pruning.permutation`` then folds or carries.
 """
 
@@ -17,6 +18,7 @@ from pruning.methods import prune_ablate_, prune_magnitude_, prune_sparsegpt_, p
 from pruning.methods.dsnot import dsnot_mask
 from pruning.methods.ops import kernel_ops
 from pruning.methods.permute import head_permutation, lsa_refine, reallocation_permutation
+from pruning.methods.refit import refit_on_support_
 from pruning.methods.ria import ria_mask
 from pruning.methods.tiers import TierCounts, hybrid_24_mask, prune_tiers_, three_tier_mask
 from pruning.permutation import HEAD_STRUCTURED, apply_permutation_, attention_shape, is_folded
@@ -49,17 +51,27 @@ def prune_group_(
     if config.permute_channels:
         perm = group_permutation(layer, group, stats, config, backend)
         stats = stats.permuted(perm)
-    hinv = None
+    hinv = refit_hessian = None
     if stats is not None and stats.hessian is not None:
+        if config.refit:
+            refit_hessian = stats.hessian.clone()
         # One damped Cholesky factorization per input group (q/k/v share it); the Hessian's storage is its
-        # workspace, since nothing reads the Hessian afterwards.
+        # workspace, since nothing else reads the Hessian afterwards.
         hinv = sparsegpt_inverse_hessian(stats.hessian, config.percdamp, inplace=True)
         stats.hessian = None
+        if refit_hessian is not None:
+            refit_hessian.diagonal().add_(hinv.damp)  # the problem SparseGPT solves: H + damp I
+    if config.refit:
+        _require(stats, "hessian", config, refit_hessian)
     tiers = None
     for name in group:
         weight = modules[name].weight.data
         work = weight[:, perm].contiguous() if perm is not None else weight
+        dense = work.clone() if config.refit else None
         counts = _prune_matrix_(work, stats, config, backend, hinv, refines(config, name))
+        if dense is not None:
+            refit_on_support_(work, dense, refit_hessian, config.refit_iters)
+            del dense
         if perm is not None:
             weight[:, perm] = work
         if counts is not None:

@@ -30,9 +30,9 @@ def collected_for(config: PruneConfig) -> tuple[str, bool]:
     """(statistic kind: "norms", "hessian" or an ablate method, whether norms too) that ``config`` prunes from;
     whether input means and variances too: :func:`moments_for`."""
     if config.tiered:
-        return ("hessian", True) if config.selection.obs_update else ("norms", False)
+        return ("hessian", True) if config.selection.obs_update or config.refit else ("norms", False)
     if config.method in ("wanda", "magnitude", "ria"):  # magnitude reads activations only for OWL and DSnoT
-        return ("hessian", True) if config.reconstruction else ("norms", False)
+        return ("hessian", True) if config.reconstruction or config.refit else ("norms", False)
     if config.method == "sparsegpt":
         return "hessian", config.refine == "dsnot"  # DSnoT's unstructured swaps prune in Wanda's order
     return config.method, False

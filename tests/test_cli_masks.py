@@ -26,6 +26,14 @@ def test_ria_with_permutation_dsnot_and_reconstruction_saves_a_sparse24_checkpoi
     assert "model.decoder.layers.0.self_attn.q_proj" in loaded.config.sparsity_config["permuted_modules"]
 
 
+def test_refit_runs_from_the_command_line_and_is_recorded(tiny_opt, tmp_path, capsys):  # noqa: F811
+    argv = prune_argv(tiny_opt, "--refit", "--refit_iters", "4", "--save", str(tmp_path), method="sparsegpt")
+    assert run_main(argv) == 0
+    metrics = read_metrics(tmp_path)
+    assert metrics["prune_config"]["refit"] and metrics["prune_config"]["refit_iters"] == 4
+    assert metrics["actual_sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
 def test_the_published_flag_names_are_accepted(tiny_opt, tmp_path, capsys):  # noqa: F811
     argv = prune_argv(
         tiny_opt, "--a", "0.4", "--reallocation", "--lsa", "--save", str(tmp_path), method="ria", kind="2:4"
@@ -52,6 +60,8 @@ def test_the_published_flag_names_are_accepted(tiny_opt, tmp_path, capsys):  # n
         (["--permute_channels"], ("--permute_channels", "N:M")),
         (["--lsa"], ("--lsa", "--permute_channels")),
         (["--prune_method", "sparsegpt", "--reconstruction"], ("--reconstruction", "already updates")),
+        (["--refit_iters", "5"], ("--refit_iters", "--refit")),
+        (["--refit", "--refit_iters", "0"], ("--refit_iters", "positive integer")),
     ],
 )
 def test_flags_that_would_do_nothing_are_refused_in_one_line(tiny_opt, capsys, flags, fragments):  # noqa: F811

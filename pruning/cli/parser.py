@@ -117,6 +117,12 @@ def add_mask_flags(p: argparse.ArgumentParser) -> None:
         "--reconstruction", action="store_true",
         help="update the kept weights with SparseGPT's OBS step, the final mask fixed (RIA's flag)",
     )  # fmt: skip
+    p.add_argument(
+        "--refit", action="store_true",
+        help="last, refit the kept weights to the layer's least-squares optimum on their mask (conjugate gradients "
+        "on the Hessian; any method)",
+    )  # fmt: skip
+    p.add_argument("--refit_iters", type=int, default=None, help="--refit: at most this many CG steps (default 10)")
 
 
 # Tile pruning and layer allocation. Defaults are None so that a flag given where it does nothing is an error;

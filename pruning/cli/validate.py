@@ -141,8 +141,12 @@ def _mask_options(args: argparse.Namespace) -> dict:
     """RIA's and DSnoT's flags as config options, refusing those that the run would ignore."""
     options = {
         "refine": args.refine, "permute_channels": args.permute_channels, "lsa": args.lsa,
-        "reconstruction": args.reconstruction,
+        "reconstruction": args.reconstruction, "refit": args.refit,
     }  # fmt: skip
+    if args.refit_iters is not None:
+        if not args.refit:
+            raise ValueError("--refit_iters tunes --refit, which is not given; add it or drop the flag")
+        options["refit_iters"] = args.refit_iters
     if args.ria_a is not None:
         if args.prune_method != "ria":
             raise ValueError(f"--ria_a is RIA's exponent; it applies to --prune_method ria, not {args.prune_method}")
