@@ -92,6 +92,8 @@ MASK_CONFIGS = [
     ("sparsegpt", 0.5, "2:4", REFIT),
     ("wanda", 0.5, "unstructured", REFIT),
     ("sparsegpt", 0.5, "unstructured", {**REFIT, "refit_iters": 50}),
+    ("wanda", 0.5, "2:4", {**PERM, **REFIT}),
+    ("sparsegpt", 0.5, "2:4", {**PERM, **REFIT, "refit_iters": 50}),
 ]
 
 
