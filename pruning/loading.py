@@ -283,8 +283,7 @@ def _load_sparse24_as_dense(name: str, source: str, dtype: torch.dtype, device_m
             "{device_map}; save the model with {save_format} dense to place it across devices"
         )
     model = load_sparse(source, device="cpu")
-    decompress_model_24_(model)
-    del model.config.sparsity_config  # dense again: saved from here, it is a plain checkpoint
+    decompress_model_24_(model)  # dense again, its config too: saved from here, it is a plain checkpoint
     log.info("%s: sparse24 checkpoint, Linears decompressed to dense-with-zeros (pruning.load_sparse keeps "
              "them compressed for sparse inference)", name)  # fmt: skip
     return model.to(dtype)

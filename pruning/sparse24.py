@@ -74,7 +74,8 @@ def compress_model_24(model: nn.Module) -> list[str]:
 @torch.no_grad()
 def decompress_model_24_(model: nn.Module) -> list[str]:
     """Replace every :class:`Sparse24Linear` with an ``nn.Linear`` holding its exact dense-with-zeros weight
-    (in place): a plain Hugging Face model again, for pruning or evaluation. Returns the module names."""
+    (in place): a plain Hugging Face model again, for pruning or evaluation, its config without the sparse24
+    markers. Returns the module names."""
     names = [name for name, module in model.named_modules() if isinstance(module, Sparse24Linear)]
     for name in names:
         sparse = model.get_submodule(name)
@@ -86,6 +87,19 @@ def decompress_model_24_(model: nn.Module) -> list[str]:
             linear.bias.copy_(sparse.bias)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    config = getattr(model, "config", None)
+    if names and config is not None:  # a plain model now: saved from here, no stale sparse24 label
+        if hasattr(config, "sparsity_config"):
+            del config.sparsity_config
+        quantization = getattr(config, "quantization_config", None)
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(
+            quantization, "quant_method", None
+        )  # fmt: skip
+        if method == FORMAT:
+            del config.quantization_config
+            for attribute in ("hf_quantizer", "is_quantized", "quantization_method"):
+                if hasattr(model, attribute):
+                    delattr(model, attribute)
     return names
 
 
@@ -98,6 +112,8 @@ def save_sparse(model: nn.Module, tokenizer, directory: Path, max_shard_size: in
     check_not_fused(model)
     packed = _pack_decoder_linears(model)
     had_spec, previous_spec = hasattr(model.config, "sparsity_config"), getattr(model.config, "sparsity_config", None)
+    had_quantization = hasattr(model.config, "quantization_config")
+    previous_quantization = getattr(model.config, "quantization_config", None)
     try:
         for _, parent, attribute, _, sparse in packed:
             setattr(parent, attribute, sparse)
@@ -114,6 +130,12 @@ def save_sparse(model: nn.Module, tokenizer, directory: Path, max_shard_size: in
             model.config.sparsity_config["permutation"] = (
                 "input_perm int64 [C]: values/meta pack W[:, input_perm]; the input is gathered x[..., input_perm]"
             )
+        # What transformers' from_pretrained reads (pruning.hf_quantizer); without this package it refuses the
+        # unknown quant_method instead of initializing the packed Linears at random.
+        model.config.quantization_config = {
+            "quant_method": FORMAT, "version": model.config.sparsity_config["version"],
+            "modules": [full for full, *_ in packed], "permuted_modules": permuted,
+        }  # fmt: skip
         model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     finally:
         for _, parent, attribute, linear, _ in packed:
@@ -122,6 +144,10 @@ def save_sparse(model: nn.Module, tokenizer, directory: Path, max_shard_size: in
             model.config.sparsity_config = previous_spec
         else:
             del model.config.sparsity_config
+        if had_quantization:
+            model.config.quantization_config = previous_quantization
+        elif hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     checksums.record(Path(directory))
@@ -163,16 +189,7 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu", verify: bo
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         raise ValueError(f"{str(directory)!r} is not a sparse24 checkpoint; load it with from_pretrained")
     if spec.get("version") not in READABLE_VERSIONS:
-        version = spec.get("version")
-        kind = (
-            f" (a {type(version).__name__}, not the integer {FORMAT_VERSION})"
-            if str(version) == str(FORMAT_VERSION)
-            else ""
-        )
-        raise ValueError(
-            f"sparse24 format version {version!r}{kind} is not supported (this reader knows versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))}); export the checkpoint again"
-        )
+        raise ValueError(unsupported_version_message(spec.get("version")))
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with init_empty_weights(include_buffers=False):
@@ -218,6 +235,15 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu", verify: bo
     for name in spec["modules"]:
         check_meta_order(model.get_submodule(name).meta, name)
     return model.to(device).eval()
+
+
+def unsupported_version_message(version) -> str:
+    same_digits = str(version) == str(FORMAT_VERSION)
+    kind = f" (a {type(version).__name__}, not the integer {FORMAT_VERSION})" if same_digits else ""
+    return (
+        f"sparse24 format version {version!r}{kind} is not supported (this reader knows versions "
+        f"{', '.join(map(str, READABLE_VERSIONS))}); export the checkpoint again"
+    )
 
 
 def check_meta_order(meta: torch.Tensor, name: str) -> None:

@@ -78,7 +78,9 @@ def _linears(model):
             and ".layers." in n}  # fmt: skip
 
 
-@pytest.mark.parametrize("method,sparsity_type", [("sparsegpt", "unstructured"), ("wanda", "2:4")])
+@pytest.mark.parametrize(
+    "method,sparsity_type", [("sparsegpt", "unstructured"), ("wanda", "2:4"), ("wanda", "three_tier")]
+)
 def test_prune_model_refit_keeps_the_methods_mask_and_moves_its_weights(method, sparsity_type):
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
     plain, refit = _tiny_opt(), _tiny_opt()
