@@ -28,7 +28,7 @@ def owl_outlier_ratios(model: nn.Module, plan: PrunePlan, calibration_ids: torch
     ops = kernel_ops(backend)
     inputs = capture_layer_inputs(model, adapter, calibration_ids, plan.batch_size, store)
     ratios = []
-    for index, layer in enumerate(tqdm(plan.layers, desc="OWL outlier ratios", unit="layer")):
+    for index, layer in enumerate(tqdm(plan.layers, desc="OWL outlier ratios", unit="layer", disable=None)):
         device = compute_device_for(layer)
         with on_device([layer], device):
             groups = adapter.groups_for(layer)

@@ -191,7 +191,7 @@ def _prune_layers(
         inputs = capture_layer_inputs(model, adapter, calibration_ids, plan.batch_size, store)
     zeros = total = 0
     all_tiers = None
-    for index, layer in enumerate(tqdm(layers, desc=f"{base.method} {base.sparsity_type}", unit="layer")):
+    for index, layer in enumerate(tqdm(layers, desc=f"{base.method} {base.sparsity_type}", unit="layer", disable=None)):
         t0 = time.perf_counter()
         device = compute_device_for(layer)
         config = base if targets is None else _layer_config(base, targets[index])

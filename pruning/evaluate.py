@@ -79,7 +79,7 @@ def summed_next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 def _summed_nll_in_batches(model: torch.nn.Module, windows: torch.Tensor, device, progress: bool, size: int) -> float:
     total = 0.0
-    for batch in tqdm(windows.split(size), desc="ppl", disable=not progress, leave=False):
+    for batch in tqdm(windows.split(size), desc="ppl", disable=None if progress else True, leave=False):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         total += summed_next_token_nll(logits, batch)

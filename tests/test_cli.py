@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -284,10 +285,11 @@ def test_full_run_writes_wanda_log_metrics_and_a_reloadable_2_4_model(tiny_opt, 
     assert cli.main(argv) == 0
 
     lines = (save / "log_wanda.txt").read_text().splitlines()
-    assert lines[0] == "method\tactual_sparsity\tppl_test"
+    assert lines[0].split("\t")[:3] == ["method", "actual_sparsity", "ppl_test"]
     assert len(lines) == 2
-    method, actual, ppl = lines[1].split("\t")
-    assert (method, actual) == ("wanda", "0.5000")
+    method, actual, ppl, kind, model, stamp, metrics_file = lines[1].split("\t")
+    assert (method, actual, kind, model) == ("wanda", "0.5000", "2:4", str(tiny_opt))
+    assert stamp.endswith("Z") and (save / metrics_file).is_file()
 
     metrics = read_metrics(save)
     assert metrics["config"]["model"] == str(tiny_opt)
@@ -355,7 +357,7 @@ def test_console_script_with_the_seed_guide_flags(tiny_opt, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "sparsity sanity check 0.50" in result.stdout  # magnitude prunes ties at the threshold: 0.5007
     lines = (tmp_path / "out" / "log_magnitude.txt").read_text().splitlines()
-    assert lines[0] == "method\tactual_sparsity\tppl_test"
+    assert lines[0].split("\t")[:3] == ["method", "actual_sparsity", "ppl_test"]
     assert lines[1].startswith("magnitude\t0.50")
     assert read_metrics(tmp_path / "out")["prune"]["method"] == "magnitude"
 
@@ -374,6 +376,74 @@ def test_check_shows_the_model_and_generates(tiny_opt, capsys):
         assert any(name in line and shape in line for line in out.splitlines()), (name, shape)
     assert "generation   'The capital of France is" in out
     assert "ready to prune" in out and "PROBLEM" not in out
+
+
+def test_check_reports_decoder_linear_sparsity_and_the_nm_pattern(tiny_opt, tmp_path, capsys):
+    """Zeros over the decoder layers' Linears (not every parameter: the embeddings would dominate) and the N:M
+    patterns every such weight holds, for a dense model, a 2:4 model and a 50% unstructured one."""
+    assert cli.main(["check", str(tiny_opt), "--max_new_tokens", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "decoder layers: model.decoder.layers" in out and "model.model." not in out
+    assert "0.00% exact zeros in the 12 decoder-layer Linears; no N:M pattern" in out
+    for kind, expected in (("2:4", "N:M held by every one: 2:4, 4:8"), ("unstructured", "no N:M pattern")):
+        target = tmp_path / kind.replace(":", "-")
+        argv = prune_argv(tiny_opt, "--save_model", str(target), "--eval_dataset", "none", kind=kind)
+        assert run_main(argv) == 0
+        capsys.readouterr()
+        assert cli.main(["check", str(target), "--max_new_tokens", "1"]) == 0
+        line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sparsity"))
+        assert "50.00% exact zeros in the 12 decoder-layer Linears" in line and expected in line, line
+
+
+def test_log_file_quiet_and_verbose(tiny_opt, tmp_path, capsys):
+    """--log_file gets every message of the run (the per-layer lines too), -q keeps only warnings, -v adds debug;
+    the levels are restored afterwards. A --log_file that cannot be opened is one line, before any work."""
+    import logging
+
+    log_file = tmp_path / "run.log"
+    before = logging.getLogger().level
+    assert run_main(prune_argv(tiny_opt, "--log_file", str(log_file), "-q")) == 0
+    text = log_file.read_text()
+    assert "layer 0:" not in text  # INFO: hidden by -q, in the file too
+    assert logging.getLogger().level == before
+    assert run_main(prune_argv(tiny_opt, "--log_file", str(log_file), "-v")) == 0
+    text = log_file.read_text()
+    assert "layer 0:" in text and "layer 1:" in text and " INFO: " in text
+    assert logging.getLogger().level == before and not any(
+        getattr(h, "baseFilename", None) == str(log_file) for h in logging.getLogger().handlers
+    )
+    capsys.readouterr()
+    code = run_main(prune_argv(tiny_opt, "--log_file", str(tmp_path / "missing" / "run.log")))
+    assert_one_line_error(capsys, code, "--log_file", "No such file or directory")
+
+
+def test_a_run_ends_with_a_rounded_summary_of_what_it_did(tiny_opt, tmp_path, capsys):
+    assert run_main(prune_argv(tiny_opt, "--save", str(tmp_path), "--refit", kind="2:4")) == 0
+    out = capsys.readouterr().out
+    summary = out[out.index("\nsummary\n") + 1 :].splitlines()
+    metrics = read_metrics(tmp_path)
+    fields = dict(line.split(None, 1) for line in summary[1:])
+    assert fields["model"] == str(tiny_opt) and fields["method"] == "wanda 2:4 at 0.5 + refit"
+    assert fields["sparsity"].startswith(f"{metrics['actual_sparsity']:.4f} ")
+    assert fields["perplexity"] == f"{metrics['ppl_test']:.4f}"
+    assert str(next(tmp_path.glob("metrics_*.json"))) in fields["written"]
+    assert f"perplexity {metrics['ppl_test']:.4f}\n" in out  # rounded for people; full precision in the JSON
+
+
+def test_zero_shot_results_print_per_task_and_their_mean():
+    from pruning.cli.summary import zero_shot_line
+
+    results = {"boolq": {"acc,none": 0.625, "acc_stderr,none": 0.01}, "rte": {"acc,none": 0.5}}
+    assert zero_shot_line(results) == "boolq 0.6250, rte 0.5000; mean 0.5625"
+    assert zero_shot_line({}) == "{}"
+
+
+def test_a_bare_command_prints_the_help_and_version_names_the_commit(capsys):
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: wanda-prune") and "--prune_method" in out and "--version" in out
+    assert cli.main(["--version"]) == 0
+    assert re.fullmatch(r"wanda-prune \S+( \(git [0-9a-f]+\))?\n", capsys.readouterr().out)
 
 
 def test_check_reports_nan_weights(tiny_opt, tmp_path, capsys):
@@ -499,7 +569,7 @@ def test_runs_into_one_save_directory_keep_every_result(tiny_opt, tmp_path):
     for method, ratio in (("magnitude", "0.5"), ("wanda", "0.5"), ("wanda", "0.25")):
         assert run_main(prune_argv(tiny_opt, "--save", str(save), method=method, ratio=ratio)) == 0
     wanda_rows = (save / "log_wanda.txt").read_text().splitlines()
-    assert wanda_rows[0] == "method\tactual_sparsity\tppl_test" and len(wanda_rows) == 3
+    assert wanda_rows[0].split("\t")[:3] == ["method", "actual_sparsity", "ppl_test"] and len(wanda_rows) == 3
     assert [row.split("\t")[1] for row in wanda_rows[1:]] == ["0.5000", "0.2500"]
     runs = [json.loads(p.read_text()) for p in sorted(save.glob("metrics_*.json"))]
     assert sorted((r["prune"]["method"], r["prune"]["sparsity_ratio"]) for r in runs) == [

@@ -31,7 +31,7 @@ def run_check(argv: list[str]) -> int:
     config = load_config(args.model, args.cache_dir)
     adapter = get_adapter(config.model_type)
     print(f"model        {args.model}")
-    print(f"architecture {config.model_type} ({adapter.family} adapter), layers at model.{adapter.layers_path}")
+    print(f"architecture {config.model_type} ({adapter.family} adapter), decoder layers: {adapter.layers_path}")
     damage = _verify_checksums(Path(args.model).expanduser())
     if damage:
         for problem in damage:
@@ -56,10 +56,8 @@ def run_check(argv: list[str]) -> int:
         zeros += int((p == 0).sum())
         if not torch.isfinite(p).all():
             problems.append(f"{name} has NaN/inf values")
-    print(
-        f"weights      {n_params / 1e6:.1f}M parameters, dtype {', '.join(sorted(dtypes))}, "
-        f"{zeros / max(n_params, 1):.2%} exact zeros"
-    )
+    print(f"weights      {n_params / 1e6:.1f}M parameters, dtype {', '.join(sorted(dtypes))}")
+    print(f"sparsity     {_decoder_sparsity_line(layers)}")
 
     device = next(model.parameters()).device
     inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
@@ -72,6 +70,26 @@ def run_check(argv: list[str]) -> int:
         return 1
     print("ok           ready to prune")
     return 0
+
+
+def _decoder_sparsity_line(layers) -> str:
+    """Exact zeros over the decoder layers' Linears (what pruning prunes; the embeddings would dominate a count over
+    every parameter), and the N:M pattern every such weight holds, if any (1:2, 2:4, 4:8 tried, in input order)."""
+    dense = []
+    for layer in layers:
+        for module in layer.modules():
+            if isinstance(module, nn.Linear):
+                dense.append(module.weight.detach())
+            elif hasattr(module, "to_dense"):  # Sparse24Linear, as load_sparse gives it
+                dense.append(module.to_dense())
+    total = sum(w.numel() for w in dense)
+    zeros = sum(int((w == 0).sum()) for w in dense)
+    patterns = []
+    for n, m in ((1, 2), (2, 4), (4, 8)):
+        if all(w.shape[1] % m == 0 and bool(((w.reshape(-1, m) == 0).sum(dim=1) >= m - n).all()) for w in dense):
+            patterns.append(f"{n}:{m}")
+    pattern = f"N:M held by every one: {', '.join(patterns)}" if patterns else "no N:M pattern (1:2, 2:4, 4:8) held"
+    return f"{zeros / max(total, 1):.2%} exact zeros in the {len(dense)} decoder-layer Linears; {pattern}"
 
 
 def _verify_checksums(directory: Path) -> list[str]:

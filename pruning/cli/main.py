@@ -2,7 +2,8 @@
 
     wanda-prune --model facebook/opt-125m --prune_method wanda --sparsity_ratio 0.5 --sparsity_type 2:4 --save out/
     wanda-prune check MODEL      # before a long job: load, show layers and shapes, generate, validate weights
-    wanda-prune demo             # the embedded default: no network, a tiny random OPT (also: no arguments)
+    wanda-prune demo             # prune a real small model on the CPU and compare (no network needed)
+    wanda-prune --version        # this package's version and git commit; no arguments: the help
 
 Bad input prints one line, ``error: ...``, and exits 2 (WANDA_DEBUG=1 shows the traceback); Ctrl-C exits
 130 and SIGTERM 143, after the same clean-up (a model being saved is never left half-written).
@@ -10,14 +11,16 @@ Bad input prints one line, ``error: ...``, and exits 2 (WANDA_DEBUG=1 shows the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import NoReturn
 
-from pruning.cli.parser import build_parser, first_line
+from pruning.cli.parser import build_parser, first_line, version_line
 
 
 class Terminated(KeyboardInterrupt):
@@ -35,16 +38,56 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     if in_main_thread:
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    # On a terminal, log lines go above a progress bar instead of through it; elsewhere there are no bars.
+    redirect = logging_redirect_tqdm() if sys.stderr.isatty() else contextlib.nullcontext()
     try:
-        return _main(argv)
+        with redirect:
+            return _main(argv)
     finally:
         if in_main_thread:  # None: a handler not set from Python; the default is the closest to it
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_sigterm is None else previous_sigterm)
 
 
+class _logging_as_asked:
+    """``-q`` / ``-v`` set the level of our loggers; ``--log_file`` adds a file handler for the run."""
+
+    def __init__(self, args):
+        self.level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+        self.log_file = args.log_file
+        self.handler = None
+
+    def __enter__(self):
+        root = logging.getLogger()
+        self.saved_level = root.level
+        root.setLevel(self.level)
+        if self.log_file:
+            try:
+                self.handler = logging.FileHandler(Path(self.log_file).expanduser(), encoding="utf-8")
+            except OSError as err:
+                raise ValueError(f"--log_file {self.log_file!r}: {err.strerror or err}") from None
+            self.handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+            root.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        root = logging.getLogger()
+        root.setLevel(self.saved_level)
+        if self.handler is not None:
+            root.removeHandler(self.handler)
+            self.handler.close()
+
+
 def _main(argv: list[str]) -> int:
     try:
-        if not argv or argv[0] == "demo":
+        if not argv:  # a bare command: what it can do, not a 45-second demo
+            build_parser().print_help()
+            return 0
+        if argv[0] in ("--version", "-V"):
+            print(version_line())
+            return 0
+        if argv[0] == "demo":
             from pruning.cli.demo import run_demo
 
             return run_demo(argv[1:])
@@ -54,7 +97,9 @@ def _main(argv: list[str]) -> int:
             return run_check(argv[1:])
         from pruning.cli.prune import run_prune
 
-        run_prune(build_parser().parse_args(argv))
+        args = build_parser().parse_args(argv)
+        with _logging_as_asked(args):
+            run_prune(args)
         return 0
     except (ValueError, OSError, ImportError) as err:
         if os.environ.get("WANDA_DEBUG"):

@@ -64,20 +64,35 @@ def check_save_model_dir(path: str, overwrite: bool) -> Path:
     return target
 
 
-WANDA_LOG_HEADER = "method\tactual_sparsity\tppl_test\n"
+WANDA_COLUMNS = ("method", "actual_sparsity", "ppl_test")  # locuslab/wanda's, first and unchanged
+LOG_COLUMNS = (*WANDA_COLUMNS, "sparsity_type", "model", "utc_time", "metrics_file")
+WANDA_LOG_HEADER = "\t".join(LOG_COLUMNS) + "\n"
 
 
-def write_wanda_log(directory: Path, method: str, actual_sparsity: float, ppl_test: float | None) -> Path:
-    """``log_{method}.txt`` with locuslab/wanda's columns: method, actual_sparsity, ppl_test. The reference
-    rewrites the file on every run; here each run appends its row (under a lock: runs of a job array may finish
-    together), so a sweep into one --save keeps every result."""
+def write_wanda_log(
+    directory: Path, method: str, actual_sparsity: float, ppl_test: float | None, sparsity_type: str = "",
+    model: str = "", metrics_file: str = "",
+) -> Path:  # fmt: skip
+    """``log_{method}.txt``: locuslab/wanda's columns (method, actual_sparsity, ppl_test), then the sparsity type,
+    the model, the UTC time and the run's metrics file, so that rows of a sweep into one --save say which run each
+    is. The reference rewrites the file on every run; here each run appends its row (under a lock: runs of a job
+    array may finish together). A file with the reference's three columns gains the new ones in place (its old
+    rows get empty cells)."""
     ppl = "nan" if ppl_test is None else f"{ppl_test:.4f}"
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    row = [method, f"{actual_sparsity:.4f}", ppl, sparsity_type, model.replace("\t", " "), stamp, metrics_file]
     path = directory / f"log_{method}.txt"
     with open(path, "a+", encoding="utf-8") as f, _locked(f):
         f.seek(0)
-        before = f.read()
-        f.write(("" if before else WANDA_LOG_HEADER) + ("\n" if before and not before.endswith("\n") else ""))
-        f.write(f"{method}\t{actual_sparsity:.4f}\t{ppl}\n")
+        lines = f.read().splitlines()
+        if lines and lines[0].split("\t") == list(WANDA_COLUMNS):  # the reference's layout: widen it
+            pad = "\t" * (len(LOG_COLUMNS) - len(WANDA_COLUMNS))
+            f.seek(0)
+            f.truncate()
+            f.write(WANDA_LOG_HEADER + "".join(f"{line}{pad}\n" for line in lines[1:] if line))
+        elif not lines:
+            f.write(WANDA_LOG_HEADER)
+        f.write("\t".join(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
     return path

@@ -35,12 +35,41 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
+class _PrintVersion(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
+def version_line() -> str:
+    """``wanda-prune VERSION (git SHA)``: the installed distribution's version, and the checkout's commit if any."""
+    import subprocess
+    from importlib import metadata
+    from pathlib import Path
+
+    try:
+        version = metadata.version("wanda-kernels")
+    except metadata.PackageNotFoundError:
+        version = "unknown (not installed)"
+    checkout = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"wanda-prune {version}" + (f" (git {sha})" if sha else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="wanda-prune",
         description="Prune a Hugging Face causal LM with Wanda, SparseGPT or magnitude (locuslab/wanda's flags).",
-        epilog="Subcommands: 'wanda-prune check MODEL' and 'wanda-prune demo'.",
+        epilog="Subcommands: 'wanda-prune check MODEL' and 'wanda-prune demo'; 'wanda-prune --version'.",
     )
+    p.add_argument("-V", "--version", action=_PrintVersion, help="this package's version and git commit")
     # locuslab/wanda main.py / main_opt.py flags, same meanings and defaults
     p.add_argument("--model", required=True, help="HF model id or local directory")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling the calibration data")
@@ -65,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_dataset", default="wikitext2", help="wikitext2, c4, a local text file, or 'none'")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="mask kernels: triton (GPU) or torch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save_model directory")
+    p.add_argument("--log_file", default=None, help="also write the log (every level shown) to this file")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
     p.add_argument(
         "--save_format",
         choices=["dense", "sparse24"],

@@ -165,13 +165,17 @@ def _run(args: argparse.Namespace, config: PruneConfig, started: float, kept: li
         metrics["ppl_test"] = evaluate_ppl(model, eval_ids, args, seqlen)
     if eval_ids is not None:
         name = "wikitext" if args.eval_dataset == "wikitext2" else args.eval_dataset
-        print(f"{name} perplexity {metrics['ppl_test']}")
+        print(f"{name} perplexity {metrics['ppl_test']:.4f}")  # full precision in metrics_*.json
     metrics["total_seconds"] = time.perf_counter() - started
     # Results are written before zero-shot evaluation (slow, and it downloads task data): it cannot lose them.
     save_dir = Path(args.save).expanduser() if args.save else None
     if save_dir:
-        write_wanda_log(save_dir, config.method, sparsity, metrics["ppl_test"])
-        metrics_file = write_metrics(metrics_path(save_dir, config.method, config.sparsity_type), metrics)
+        metrics_file = metrics_path(save_dir, config.method, config.sparsity_type)
+        write_wanda_log(
+            save_dir, config.method, sparsity, metrics["ppl_test"], config.sparsity_type, str(args.model),
+            metrics_file.name,
+        )  # fmt: skip
+        metrics_file = write_metrics(metrics_file, metrics)
         log.info("wrote %s and %s", save_dir / f"log_{config.method}.txt", metrics_file)
         kept.insert(0, str(metrics_file))
     if args.eval_zero_shot:
@@ -180,10 +184,15 @@ def _run(args: argparse.Namespace, config: PruneConfig, started: float, kept: li
         except Exception as err:
             saved = f"; the pruning results are saved in {', '.join(kept)}" if kept else ""
             raise ValueError(f"zero-shot evaluation failed ({type(err).__name__}: {first_line(err)}){saved}") from err
-        print(f"zero-shot: {metrics['zero_shot']}")
+        from pruning.cli.summary import zero_shot_line
+
+        print(f"zero-shot: {zero_shot_line(metrics['zero_shot'])}")
         metrics["total_seconds"] = time.perf_counter() - started
         if save_dir:
             write_metrics(metrics_file, metrics)
+    from pruning.cli.summary import format_summary
+
+    print(format_summary(metrics, str(args.model), kept))
     return metrics
 
 

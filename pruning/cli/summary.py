@@ -1,0 +1,52 @@
+"""The end-of-run summary the CLI prints: what was pruned, how sparse, how good, how long, and where it went.
+
+Human output only (floats rounded); ``metrics_*.json`` keeps every value at full precision.
+"""
+
+from __future__ import annotations
+
+
+def format_summary(metrics: dict, model: str, kept: list[str]) -> str:
+    """A few aligned lines from a run's metrics (``pruning.cli.prune.run_prune``) and the files it wrote."""
+    prune = metrics.get("prune", {})
+    config = metrics.get("prune_config", {})
+    kind = config.get("sparsity_type", "")
+    ratio = "" if kind in ("three_tier", "hybrid_2_4") else f" at {config.get('sparsity_ratio', 0):g}"
+    extras = [flag for flag, on in (("permute_channels", config.get("permute_channels")),
+                                    (f"refine {config.get('refine')}", config.get("refine") not in (None, "none")),
+                                    ("reconstruction", config.get("reconstruction")), ("refit", config.get("refit")),
+                                    (f"allocation {config.get('allocation')}", config.get("allocation") == "owl"))
+              if on]  # fmt: skip
+    rows = [
+        ("model", model),
+        ("method", f"{config.get('method', '?')} {kind}{ratio}" + (f" + {', '.join(extras)}" if extras else "")),
+        ("sparsity", f"{metrics.get('actual_sparsity', float('nan')):.4f} of the decoder-layer Linears' weights"),
+    ]
+    ppl, dense = metrics.get("ppl_test"), metrics.get("ppl_dense")
+    if ppl is not None:
+        rows.append(("perplexity", f"{ppl:.4f}" + (f" (dense {dense:.4f})" if dense is not None else "")))
+    if "zero_shot" in metrics:
+        rows.append(("zero-shot", zero_shot_line(metrics["zero_shot"])))
+    seconds = prune.get("seconds")
+    timing = f"pruning {seconds:.1f} s, " if seconds is not None else ""
+    rows.append(("time", f"{timing}whole run {metrics.get('total_seconds', 0):.1f} s"))
+    if kept:
+        rows.append(("written", ", ".join(kept)))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(["summary"] + [f"  {name:<{width}}  {value}" for name, value in rows])
+
+
+def zero_shot_line(results) -> str:
+    """Each task's accuracy and their mean, from whatever lm-eval returned (a dict per task, or a number)."""
+    if not isinstance(results, dict) or not results:
+        return str(results)
+    scores = {}
+    for task, value in results.items():
+        if isinstance(value, dict):
+            value = next((value[k] for k in ("acc,none", "acc", "acc_norm,none") if k in value), None)
+        if isinstance(value, (int, float)):
+            scores[task] = float(value)
+    if not scores:
+        return str(results)
+    mean = sum(scores.values()) / len(scores)
+    return ", ".join(f"{task} {score:.4f}" for task, score in scores.items()) + f"; mean {mean:.4f}"
