@@ -14,8 +14,6 @@ import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from pruning.infer.sparse_linear import Sparse24Linear
-
 QUANT_METHOD = "sparse24"
 
 
@@ -41,27 +39,13 @@ class Sparse24Quantizer(HfQuantizer):
     requires_calibration = True  # only checkpoints already pruned and packed
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from pruning.sparse24 import READABLE_VERSIONS, unsupported_version_message
+        from pruning.sparse24 import READABLE_VERSIONS, place_empty_sparse24_, unsupported_version_message
 
         config = self.quantization_config
         if config.version not in READABLE_VERSIONS:
             raise ValueError(unsupported_version_message(config.version))
-        permuted = set(config.permuted_modules)
         dtype = kwargs.get("dtype") or next(model.parameters()).dtype
-        for name in config.modules:
-            try:
-                linear = model.get_submodule(name)
-            except AttributeError:
-                raise ValueError(
-                    f"{name}, stored 2:4-compressed, is not in the model its config.json describes: the checkpoint "
-                    "does not match its config.json"
-                ) from None
-            parent_name, _, child = name.rpartition(".")
-            sparse = Sparse24Linear(
-                linear.in_features, linear.out_features, linear.bias is not None, dtype, "meta",
-                permuted=name in permuted,
-            )  # fmt: skip
-            setattr(model.get_submodule(parent_name), child, sparse)
+        place_empty_sparse24_(model, config.modules, config.permuted_modules, dtype)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

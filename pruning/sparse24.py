@@ -195,19 +195,7 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu", verify: bo
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     permuted = set(spec.get("permuted_modules", ()))
-    for name in spec["modules"]:
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(
-                f"{name}, stored 2:4-compressed, is not in the model its config.json describes: the checkpoint does "
-                "not match its config.json"
-            ) from None
-        parent_name, _, child = name.rpartition(".")
-        sparse = Sparse24Linear(
-            linear.in_features, linear.out_features, linear.bias is not None, dtype, "meta", permuted=name in permuted
-        )
-        setattr(model.get_submodule(parent_name), child, sparse)
+    place_empty_sparse24_(model, spec["modules"], permuted, dtype)
     state = _read_state_dict(directory)
     packed = set(spec["modules"])
     for name, tensor in state.items():  # what the file holds: load_state_dict(assign=True) keeps its dtypes
@@ -235,6 +223,25 @@ def load_sparse(path: str | Path, device: str | torch.device = "cpu", verify: bo
     for name in spec["modules"]:
         check_meta_order(model.get_submodule(name).meta, name)
     return model.to(device).eval()
+
+
+def place_empty_sparse24_(model: nn.Module, modules, permuted, dtype: torch.dtype) -> None:
+    """Put an empty (meta-device) ``Sparse24Linear`` in place of each Linear named in ``modules`` (with
+    ``input_perm`` for those in ``permuted``), for a loader to fill; a name the model lacks is a ValueError."""
+    permuted = set(permuted)
+    for name in modules:
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"{name}, stored 2:4-compressed, is not in the model its config.json describes: the checkpoint does "
+                "not match its config.json"
+            ) from None
+        parent_name, _, child = name.rpartition(".")
+        sparse = Sparse24Linear(
+            linear.in_features, linear.out_features, linear.bias is not None, dtype, "meta", permuted=name in permuted
+        )
+        setattr(model.get_submodule(parent_name), child, sparse)
 
 
 def unsupported_version_message(version) -> str:
