@@ -96,14 +96,24 @@ MASK_CONFIGS = [
     ("sparsegpt", 0.5, "2:4", {**PERM, **REFIT, "refit_iters": 50}),
 ]
 
+# Optimization-based pruners (ALPS, the ADMM update) against SparseGPT at its settings, and ADMM as a weight update
+OPTIMIZER_SETTINGS = [(0.5, "2:4"), (0.7, "unstructured"), (0.6, "unstructured"), (0.5, "unstructured")]
+OPTIMIZER_CONFIGS = [
+    *[(method, ratio, kind, {}) for ratio, kind in OPTIMIZER_SETTINGS for method in ("sparsegpt", "alps", "admm")],
+    *[("wanda", ratio, kind, {"refine": "admm"}) for ratio, kind in OPTIMIZER_SETTINGS],
+]
 
-def configs(ablations: bool, tiers: bool = False, masks: bool = False) -> list[tuple]:
+
+def configs(ablations: bool, tiers: bool = False, masks: bool = False, optimizers: bool = False) -> list[tuple]:
     """(method, sparsity ratio, sparsity type[, options]), the main table first, grouped by setting; ``tiers``:
-    only the tile pruning and OWL suite; ``masks``: only the RIA / permutation / DSnoT suite."""
+    only the tile pruning and OWL suite; ``masks``: only the RIA / permutation / DSnoT suite; ``optimizers``: only
+    ALPS and ADMM against SparseGPT."""
     if tiers:
         return list(TIER_CONFIGS)
     if masks:
         return list(MASK_CONFIGS)
+    if optimizers:
+        return list(OPTIMIZER_CONFIGS)
     main = [(method, ratio, kind) for ratio, kind in SETTINGS for method in METHODS]
     extra = [(method, ratio, kind) for ratio, kind in ABLATION_SETTINGS for method in ABLATIONS]
     return main + (extra if ablations else [])
@@ -119,6 +129,8 @@ def label(method: str, kind: str, options: dict) -> str:
         parts.append("+perm" + ("+lsa" if options.get("lsa") else ""))
     if options.get("refine") == "dsnot":
         parts.append("+dsnot" + ("(all layers)" if options.get("dsnot_skip_layer") == "no_skip" else ""))
+    if options.get("refine") == "admm":
+        parts.append("+admm")
     if options.get("reconstruction"):
         parts.append("+recon")
     if options.get("refit"):
@@ -198,6 +210,11 @@ def run(
             record["tiers"] = report.tiers
         if report.allocation == "owl":
             record["layer_sparsities"] = [layer.target_sparsity for layer in report.layers]
+        errors = [layer.errors for layer in report.layers]
+        if any(errors):
+            values = [e for layer in errors for e in layer.values()]
+            record.update(error_kind=report.layers[0].error_kind, mean_error=sum(values) / len(values),
+                          layer_errors=errors)  # fmt: skip
         keep(record)
         del model
     return records
@@ -212,8 +229,9 @@ def setting_label(record: dict) -> str:
 
 def format_row(record: dict) -> str:
     name = record.get("label", record["method"])
+    error = f"  error {record['mean_error']:.4f}" if "mean_error" in record else ""
     return (f"{name:32s} {setting_label(record):6s} sparsity {record['sparsity']:.4f}  "
-            f"ppl {record['ppl']:10.3f}  prune {record['prune_seconds']:7.1f} s")  # fmt: skip
+            f"ppl {record['ppl']:10.3f}  prune {record['prune_seconds']:7.1f} s{error}")  # fmt: skip
 
 
 def format_list(records: list[dict]) -> str:
@@ -255,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablations", action="store_true", help="also Wanda's ablate_* methods")
     parser.add_argument("--tiers", action="store_true", help="the tile pruning and OWL suite instead of the table")
     parser.add_argument("--masks", action="store_true", help="the RIA / permutation / DSnoT suite instead")
+    parser.add_argument("--optimizers", action="store_true", help="ALPS and ADMM against SparseGPT instead")
     parser.add_argument("--only", default=None, help="comma-separated methods to run (default: all)")
     parser.add_argument("--out", type=Path, default=None, help="JSON-lines file (default: bench/results/)")
     args = parser.parse_args(argv)
@@ -268,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SmolLM2-135M is not available here: {err}")
         return 2
     windows = None if args.eval_windows == "all" else int(args.eval_windows)
-    todo = configs(args.ablations, args.tiers, args.masks)
+    todo = configs(args.ablations, args.tiers, args.masks, args.optimizers)
     if args.only:
         todo = [c for c in todo if c[0] in args.only.split(",")]
     device = "gpu" if torch.cuda.is_available() else "cpu"

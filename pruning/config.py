@@ -15,11 +15,12 @@ from wanda_kernels.policy import BACKENDS
 from wanda_kernels.reference_tiers import MAX_BLOCK_SIZE
 
 METHODS = (
-    "magnitude", "wanda", "sparsegpt", "ria",
+    "magnitude", "wanda", "sparsegpt", "ria", "alps", "admm",
     # locuslab/wanda's ablations: SparseGPT's updates, the mask chosen by Wanda's or the magnitude metric
     "ablate_mag_seq", "ablate_wanda_seq", "ablate_mag_iter", "ablate_wanda_iter",
 )  # fmt: skip
-REFINES = ("none", "dsnot")
+REFINES = ("none", "dsnot", "admm")
+OPTIMIZERS = ("alps", "admm")  # methods that solve the layer problem on XᵀX by ADMM (pruning.methods.alps, .admm)
 
 
 def parse_sparsity_type(sparsity_type: str) -> tuple[int, int]:
@@ -61,7 +62,7 @@ class PruneConfig:
     # Better masks: RIA's exponent (--a), DSnoT (zyxxmu/DSnoT's defaults), channel permutation for N:M (RIA's
     # reallocation, lsa its refinement) and the OBS update with the final mask fixed (RIA's --reconstruction)
     ria_a: float = 0.5
-    refine: str = "none"  # none | dsnot
+    refine: str = "none"  # none | dsnot (mask) | admm (weights on the mask)
     dsnot_update_threshold: float = 0.1
     dsnot_max_cycles: int = 50
     dsnot_pow_of_var_regrowing: float = 1.0
@@ -71,6 +72,16 @@ class PruneConfig:
     reconstruction: bool = False
     refit: bool = False  # least-squares refit of the kept weights on their support (pruning.methods.refit)
     refit_iters: int = 10
+    # ALPS (mazumder-lab/ALPS's ALPS_admm defaults) and the ADMM weight update (fmfi-compbio/admm-pruning's)
+    alps_rho: float = 0.1
+    alps_max_iter: int = 300
+    alps_update_iter: int = 3
+    alps_switch_iter: int = 30
+    alps_cg_iters: int = 10
+    admm_iters: int = 20
+    admm_iterative_prune: int = 15  # steps that choose the mask again (not with --refine admm: the mask is given)
+    admm_percdamp: float = 0.1
+    admm_per_out: bool = False  # unstructured: per output row instead of over the whole matrix
     # Layer allocation (luuyin/OWL's names: Hyper_m, Lamda)
     allocation: str = "uniform"
     owl_m: float = 5.0
@@ -100,6 +111,40 @@ class PruneConfig:
         self._check_tiers()
         self._check_allocation()
         self._check_masks()
+        self._check_optimizers()
+
+    def _check_optimizers(self) -> None:
+        for name in ("alps_max_iter", "alps_update_iter", "alps_cg_iters", "admm_iters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OptionError(f"{{{name}}} must be a positive integer, got {value!r}")
+        for name in ("alps_switch_iter", "admm_iterative_prune"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise OptionError(f"{{{name}}} must be a non-negative integer, got {value!r}")
+        for name in ("alps_rho", "admm_percdamp"):
+            value = getattr(self, name)
+            if not (_finite(value) and value > 0):
+                raise OptionError(f"{{{name}}} must be a positive number, got {value!r}")
+        if self.admm_iterative_prune > self.admm_iters:
+            raise OptionError(
+                f"{{admm_iterative_prune}} ({self.admm_iterative_prune}) chooses the mask during the first steps of "
+                f"{{admm_iters}} ({self.admm_iters}): it cannot be larger"
+            )
+        if self.admm_per_out and (self.method != "admm" or self.nm[1]):
+            raise OptionError("{admm_per_out} is {method} admm's unstructured per-row sparsity: drop it here")
+        if self.method in OPTIMIZERS and self.tiered:
+            raise OptionError(
+                f"{{method}} {self.method} solves for an unstructured or N:M pattern; for {self.sparsity_type} use "
+                "{method} wanda with {refine} admm (the ADMM weight update on the tile mask)"
+            )
+        if self.refine == "admm":
+            if self.reconstruction:
+                raise OptionError("{refine} admm and {reconstruction} both update the kept weights: choose one")
+            if self.tiered and self.selection.obs_update:
+                raise OptionError(
+                    "{refine} admm and {tier_selection}'s obs both update the kept weights: drop obs or the refine"
+                )
 
     def _check_masks(self) -> None:
         n, m = self.nm
@@ -129,7 +174,15 @@ class PruneConfig:
         mask_methods = ("wanda", "ria", "magnitude", "sparsegpt")
         if self.method == "ria" and self.tiered:
             raise OptionError("{method} ria prunes unstructured or N:M: tile types rank by Wanda's metric (use wanda)")
-        if self.refine != "none":
+        if self.refine == "admm":
+            if self.method not in mask_methods:
+                raise OptionError(
+                    "{refine} admm updates the weights on the mask of {method} wanda, ria, magnitude or sparsegpt "
+                    "(or a tile type's); {method} admm chooses its own mask"
+                )
+            if self.use_variant:
+                raise OptionError("{refine} admm starts from Wanda's per-row mask: drop {use_variant}")
+        elif self.refine != "none":
             if self.method not in mask_methods or self.tiered:
                 raise OptionError(
                     "{refine} dsnot refines the mask of {method} wanda, ria, magnitude or sparsegpt "
@@ -143,8 +196,10 @@ class PruneConfig:
                     "{permute_channels} reorders input channels so that N:M groups keep more: use an N:M "
                     f"{{sparsity_type}} such as 2:4 (got {self.sparsity_type})"
                 )
-            if self.method not in ("wanda", "ria", "sparsegpt", *ABLATE_METHODS):
-                raise OptionError("{permute_channels} is for {method} wanda, ria, sparsegpt or an ablate_* method")
+            if self.method not in ("wanda", "ria", "sparsegpt", *OPTIMIZERS, *ABLATE_METHODS):
+                raise OptionError(
+                    "{permute_channels} is for {method} wanda, ria, sparsegpt, alps, admm or an ablate_* method"
+                )
         if self.lsa and not self.permute_channels:
             raise OptionError("{lsa} refines the channel permutation: add {permute_channels}")
         if self.reconstruction and (self.method not in mask_methods or self.tiered):
@@ -195,8 +250,8 @@ class PruneConfig:
             )
         if self.allocation == "uniform":
             return
-        if self.method not in ("wanda", "magnitude", "sparsegpt", "ria"):
-            raise OptionError("{allocation} owl is for {method} wanda, ria, magnitude or sparsegpt")
+        if self.method not in ("wanda", "magnitude", "sparsegpt", "ria", *OPTIMIZERS):
+            raise OptionError("{allocation} owl is for {method} wanda, ria, magnitude, sparsegpt, alps or admm")
         if self.sparsity_type not in ("unstructured", "three_tier"):
             raise OptionError(
                 "{allocation} owl gives each layer its own sparsity, which N:M and hybrid_2_4 cannot take (2:4 "

@@ -29,7 +29,7 @@ from pruning.methods.tiers import TierCounts, three_tier_ratios_for
 from pruning.placement import compute_device_for, on_device
 from pruning.plan import PrunePlan
 from pruning.plan import plan as make_plan
-from pruning.prune_group import prune_group_
+from pruning.prune_group import GroupResult, prune_group_
 from pruning.sparsity import check_sparsity, linear_zero_counts
 from pruning.statistics import UnsupportedModelOptionError, collect_statistics, collected_for, moments_for
 
@@ -46,6 +46,10 @@ class LayerReport:
     target_sparsity: float | None = None  # the ratio asked of this layer (OWL: its own); None for tile types
     outlier_ratio: float | None = None  # OWL: percent of the dense layer's Wanda scores above owl_m * mean
     tiers: dict[str, int] | None = None  # tile types: tiles per tier over the layer's Linears
+    # each Linear's ||X (W - W0)^T||^2 / ||X W0^T||^2 (pruning.prune_group.reconstruction_error), and how it was
+    # measured: hessian (exact), norms (its diagonal) or weights (no activations collected)
+    errors: dict[str, float] = field(default_factory=dict)
+    error_kind: str | None = None
 
 
 @dataclass
@@ -79,16 +83,13 @@ def _collect_and_prune(
     backend: str,
     device: torch.device,
     what: str,
-) -> TierCounts | None:
+) -> list[GroupResult]:
     kind, norms_too = collected_for(config)
     moments = moments_for(config)
     stats = with_smaller_batches_on_oom(
         inputs, lambda: collect_statistics(layer, groups, inputs, kind, norms_too, backend, device, moments), what
     )
-    tiers = None
-    for group in groups:
-        tiers = _add_counts(tiers, prune_group_(layer, group, stats.pop(group[0]), config, backend))
-    return tiers
+    return [prune_group_(layer, group, stats.pop(group[0]), config, backend) for group in groups]
 
 
 def _layer_config(base: PruneConfig, target: float) -> PruneConfig:
@@ -195,16 +196,15 @@ def _prune_layers(
         t0 = time.perf_counter()
         device = compute_device_for(layer)
         config = base if targets is None else _layer_config(base, targets[index])
-        tiers = None
+        results = []
         with on_device([layer], device):
             groups = adapter.groups_for(layer)
             if not config.layer_statistics:
-                for group in groups:
-                    tiers = _add_counts(tiers, prune_group_(layer, group, None, config, backend))
+                results = [prune_group_(layer, group, None, config, backend) for group in groups]
             else:
                 for stage in [[g] for g in groups] if config.true_sequential else [groups]:
                     what = f"collecting layer {index}'s statistics"
-                    tiers = _add_counts(tiers, _collect_and_prune(layer, stage, inputs, config, backend, device, what))
+                    results += _collect_and_prune(layer, stage, inputs, config, backend, device, what)
                 recompute = functools.partial(run_layer, layer, inputs, device, store)
                 inputs.hidden = with_smaller_batches_on_oom(inputs, recompute, f"recomputing layer {index}'s outputs")
             if device.type == "cuda":
@@ -215,14 +215,29 @@ def _prune_layers(
         sparsity = layer_zeros / max(layer_total, 1)
         target = targets[index] if targets is not None else None if config.tiered else config.sparsity_ratio
         outlier = None if outliers is None else outliers[index]
+        tiers = None
+        for result in results:
+            tiers = _add_counts(tiers, result.tiers)
+        errors = {name: error for result in results for name, error in result.errors.items()}
+        kinds = {result.error_kind for result in results}
         report.layers.append(
-            LayerReport(index, seconds, sparsity, target, outlier, None if tiers is None else tiers.to_dict())
+            LayerReport(
+                index,
+                seconds,
+                sparsity,
+                target,
+                outlier,
+                None if tiers is None else tiers.to_dict(),
+                errors,
+                kinds.pop() if len(kinds) == 1 else "+".join(sorted(kinds)) or None,
+            )
         )
         all_tiers = _add_counts(all_tiers, tiers)
+        error = f", error {sum(errors.values()) / len(errors):.4g}" if errors else ""
         if tiers is not None:
-            log.info("layer %d: %.2f s, sparsity %.4f, tiles %s", index, seconds, sparsity, tiers.to_dict())
+            log.info("layer %d: %.2f s, sparsity %.4f%s, tiles %s", index, seconds, sparsity, error, tiers.to_dict())
         else:
-            log.info("layer %d: %.2f s, sparsity %.4f", index, seconds, sparsity)
+            log.info("layer %d: %.2f s, sparsity %.4f%s", index, seconds, sparsity, error)
     report.actual_sparsity = zeros / max(total, 1)
     report.tiers = None if all_tiers is None else all_tiers.to_dict()
     if inputs is not None:

@@ -1,9 +1,9 @@
 """Calibration statistics of a decoder layer's Linear groups, from one pass of the layer over every batch.
 
 What is collected follows the method: Wanda (and OWL's outlier pass), the fp32 sum of squared inputs per input
-feature (RIA too); SparseGPT and Wanda's ablations, the fp32 Hessian ``2/N X^T X``; tile pruning with the OBS
-update and the fixed-mask ``reconstruction`` both; DSnoT also each feature's sum and within-sample squared deviations
-(``accumulate_moments_``, the same pass as the norms).
+feature (RIA too); SparseGPT, ALPS, ADMM and Wanda's ablations, the fp32 Hessian ``2/N X^T X``; tile pruning with
+the OBS update, the fixed-mask ``reconstruction`` and the weight updates (``refit``, ``refine admm``) both; DSnoT
+also each feature's sum and within-sample squared deviations (``accumulate_moments_``, the same pass as the norms).
 Inputs shared by q/k/v (or LLaMA's gate/up) are accumulated once per group, by a hook on its first Linear.
 """
 
@@ -29,10 +29,13 @@ class UnsupportedModelOptionError(UnsupportedModelError, OptionError):
 def collected_for(config: PruneConfig) -> tuple[str, bool]:
     """(statistic kind: "norms", "hessian" or an ablate method, whether norms too) that ``config`` prunes from;
     whether input means and variances too: :func:`moments_for`."""
+    weight_update = config.refit or config.refine == "admm"  # on the mask, from the Hessian
     if config.tiered:
-        return ("hessian", True) if config.selection.obs_update or config.refit else ("norms", False)
+        return ("hessian", True) if config.selection.obs_update or weight_update else ("norms", False)
     if config.method in ("wanda", "magnitude", "ria"):  # magnitude reads activations only for OWL and DSnoT
-        return ("hessian", True) if config.reconstruction or config.refit else ("norms", False)
+        return ("hessian", True) if config.reconstruction or weight_update else ("norms", False)
+    if config.method in ("alps", "admm"):
+        return "hessian", False
     if config.method == "sparsegpt":
         return "hessian", config.refine == "dsnot"  # DSnoT's unstructured swaps prune in Wanda's order
     return config.method, False

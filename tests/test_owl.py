@@ -118,7 +118,7 @@ def test_owl_on_opt():
         (dict(owl_lambda=0.3, sparsity_ratio=0.5), "smaller owl_lambda"),
         (dict(owl_m=0.0), "owl_m must be a positive"),
         (dict(sparsity_ratio=0.0), "give it a value above 0"),
-        (dict(method="ablate_wanda_seq"), "wanda, ria, magnitude or sparsegpt"),
+        (dict(method="ablate_wanda_seq"), "wanda, ria, magnitude, sparsegpt, alps or admm"),
     ],
 )
 def test_bad_owl_options_are_refused_by_name(options, message):

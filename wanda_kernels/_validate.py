@@ -9,13 +9,15 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def check_matrix(t: torch.Tensor, name: str) -> None:
+def check_matrix(t: torch.Tensor, name: str, float64: bool = False) -> None:
+    """A 2-D float tensor; ``float64`` also admits double (the optimization methods' exactness tests)."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.ndim != 2:
         raise ValueError(f"{name} must be a 2-D [out_features, in_features] tensor, got shape {tuple(t.shape)}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if t.dtype not in FLOAT_DTYPES and not (float64 and t.dtype == torch.float64):
+        also = " (or float64)" if float64 else ""
+        raise ValueError(f"{name} must be float16, bfloat16 or float32{also}, got {t.dtype}")
 
 
 def check_act_sq_norms(act_sq_norms: torch.Tensor, weight: torch.Tensor) -> None:

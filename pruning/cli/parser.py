@@ -132,8 +132,9 @@ DSNOT_FLAGS = {  # flag name -> (aliases, type, help)
 def add_mask_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ria_a", "--a", dest="ria_a", type=float, default=None,
                    help="--prune_method ria: exponent of the activation norm (default 0.5)")  # fmt: skip
-    p.add_argument("--refine", choices=["none", "dsnot"], default="none",
-                   help="refine the mask: dsnot (training-free prune-and-grow, Zhang et al. 2024)")  # fmt: skip
+    p.add_argument("--refine", choices=["none", "dsnot", "admm"], default="none",
+                   help="refine the mask: dsnot (training-free prune-and-grow, Zhang et al. 2024), or the weights on "
+                   "it: admm (Boza 2024's ADMM update)")  # fmt: skip
     for name, (aliases, kind, text) in DSNOT_FLAGS.items():
         p.add_argument(f"--{name}", *aliases, dest=name, type=kind, default=None, help=text)
     p.add_argument(
@@ -156,6 +157,25 @@ def add_mask_flags(p: argparse.ArgumentParser) -> None:
         "on the Hessian; any method)",
     )  # fmt: skip
     p.add_argument("--refit_iters", type=int, default=None, help="--refit: at most this many CG steps (default 10)")
+    for name, (kind, text) in OPTIMIZER_FLAGS.items():
+        if kind is bool:
+            p.add_argument(f"--{name}", action="store_true", default=None, help=text)
+        else:
+            p.add_argument(f"--{name}", type=kind, default=None, help=text)
+
+
+# ALPS's and the ADMM update's settings (None when left out: the published values, and an error where unused)
+OPTIMIZER_FLAGS = {  # flag name -> (type, help)
+    "alps_rho": (float, "--prune_method alps: initial ADMM penalty rho (default 0.1)"),
+    "alps_max_iter": (int, "--prune_method alps: ADMM steps at most (default 300)"),
+    "alps_update_iter": (int, "--prune_method alps: rho updated every this many steps (default 3)"),
+    "alps_switch_iter": (int, "--prune_method alps: stop on a stable support after this step (default 30)"),
+    "alps_cg_iters": (int, "--prune_method alps: CG steps of the final refit (default 10)"),
+    "admm_iters": (int, "--prune_method admm / --refine admm: ADMM steps (default 20)"),
+    "admm_iterative_prune": (int, "--prune_method admm: steps that choose the mask again (default 15)"),
+    "admm_percdamp": (float, "--prune_method admm / --refine admm: damping, times the mean diagonal (default 0.1)"),
+    "admm_per_out": (bool, "--prune_method admm, unstructured: sparsity per output row, not per matrix"),
+}
 
 
 # Tile pruning and layer allocation. Defaults are None so that a flag given where it does nothing is an error;

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pruning.cli.parser import DSNOT_FLAGS
+from pruning.cli.parser import DSNOT_FLAGS, OPTIMIZER_FLAGS
 from pruning.config import PruneConfig
 
 
@@ -151,6 +151,18 @@ def _mask_options(args: argparse.Namespace) -> dict:
         if args.prune_method != "ria":
             raise ValueError(f"--ria_a is RIA's exponent; it applies to --prune_method ria, not {args.prune_method}")
         options["ria_a"] = args.ria_a
+    for name in OPTIMIZER_FLAGS:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        owner = "alps" if name.startswith("alps_") else "admm"
+        used = args.prune_method == owner or (args.refine == "admm" and name in ("admm_iters", "admm_percdamp"))
+        if not used:
+            where = "--prune_method alps" if owner == "alps" else "--prune_method admm or --refine admm"
+            if name in ("admm_iterative_prune", "admm_per_out"):
+                where = "--prune_method admm (with --refine admm the mask is given)"
+            raise ValueError(f"--{name} tunes {where}, which is not given; add it or drop the flag")
+        options[name] = value
     for name in (*DSNOT_FLAGS, "dsnot_skip_layer"):
         value = getattr(args, name, None)
         if value is None:

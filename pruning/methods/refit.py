@@ -4,8 +4,9 @@ Per output row: ``min_w (w - w0)^T H (w - w0)`` with ``w_j = 0`` wherever the pr
 row and ``H`` the layer's damped Hessian (SparseGPT's ``2/N X^T X + damp I``): on the support ``S``,
 ``H_SS w_S = (H w0)_S``. Every row at once, each CG step one GEMM with ``H``, preconditioned by ``diag(H)``, started
 from the pruned weight (so a method's own update, e.g. SparseGPT's, is where it begins), for at most ``iters`` steps
-or until every row's residual is below ``rtol`` times its right-hand side. The mask is unchanged. The same back-solve
-as ALPS's (Meng et al. 2024) after its ADMM. Why and what it measured: docs/pruning.md.
+or until every row's residual is below ``rtol`` times its right-hand side. The mask is unchanged. ALPS (Meng et al.
+2024) ends with the same back-solve, unpreconditioned and with its own stopping test (``support_cg_`` options).
+Why and what it measured: docs/pruning.md.
 """
 
 from __future__ import annotations
@@ -31,29 +32,43 @@ def refit_on_support_(
         raise ValueError(f"iters must be a non-negative int, got {iters!r}")
     if not rtol > 0:
         raise ValueError(f"rtol must be positive, got {rtol!r}")
-    support = (weight != 0).float()
     w = weight.float()
-    target = dense.float() @ hessian * support  # (H w0)_S, rows as row vectors (H is symmetric)
-    target_norm = target.norm(dim=1)
-    residual = target - (w @ hessian) * support
-    inverse_diag = 1.0 / torch.diagonal(hessian).clamp_min(torch.finfo(torch.float32).tiny)
-    z = residual * inverse_diag
+    steps = support_cg_(w, dense.float() @ hessian, hessian, iters, rtol)
+    weight.copy_(w)
+    return steps
+
+
+def support_cg_(
+    w: torch.Tensor, target: torch.Tensor, hessian: torch.Tensor, iters: int, rtol: float,
+    precondition: bool = True, stop: str = "support",
+) -> int:  # fmt: skip
+    """CG on ``w``'s support (its nonzeros) for ``w H = target`` there, row by row, in ``w``'s dtype; in place.
+
+    ``stop="support"``: before each step, stop once every row's residual on its support is below ``rtol`` times its
+    target there (ours). ``stop="alps"``: after each step, stop once for every input channel the full residual
+    ``||(w H - target)_{:, j}||`` is below ``rtol * ||target_{:, j}||`` (ALPS's ``cg_batch`` as published, which
+    rarely stops before ``iters``). Returns the steps taken."""
+    support = (w != 0).to(w.dtype)
+    target_norm = (target * support).norm(dim=1) if stop == "support" else target.norm(dim=0)
+    residual = (target - w @ hessian) * support
+    tiny = torch.finfo(w.dtype).tiny
+    inverse_diag = 1.0 / torch.diagonal(hessian).clamp_min(tiny) if precondition else None
+    z = residual * inverse_diag if precondition else residual
     direction = z.clone()
     rz = (residual * z).sum(dim=1)
-    steps = 0
-    for steps in range(1, iters + 1):
-        if bool((residual.norm(dim=1) <= rtol * target_norm).all()):
-            steps -= 1
-            break
+    for step in range(1, iters + 1):
+        if stop == "support" and bool((residual.norm(dim=1) <= rtol * target_norm).all()):
+            return step - 1
         h_direction = (direction @ hessian) * support
         curvature = (direction * h_direction).sum(dim=1)
-        alpha = torch.where(curvature > 0, rz / curvature.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        alpha = torch.where(curvature > 0, rz / curvature.clamp_min(tiny), 0.0)
         w.add_(alpha[:, None] * direction)
         residual.sub_(alpha[:, None] * h_direction)
-        z = residual * inverse_diag
+        z = residual * inverse_diag if precondition else residual
         rz_next = (residual * z).sum(dim=1)
-        beta = torch.where(rz > 0, rz_next / rz.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        beta = torch.where(rz > 0, rz_next / rz.clamp_min(tiny), 0.0)
         direction = z + beta[:, None] * direction
         rz = rz_next
-    weight.copy_(w * support)
-    return steps
+        if stop == "alps" and bool(((w @ hessian - target).norm(dim=0) <= rtol * target_norm).all()):
+            return step
+    return iters
