@@ -126,18 +126,13 @@ class PruneConfig:
             value = getattr(self, name)
             if not (_finite(value) and value > 0):
                 raise OptionError(f"{{{name}}} must be a positive number, got {value!r}")
-        if self.admm_iterative_prune > self.admm_iters:
+        if self.method == "admm" and self.admm_iterative_prune > self.admm_iters:
             raise OptionError(
                 f"{{admm_iterative_prune}} ({self.admm_iterative_prune}) chooses the mask during the first steps of "
-                f"{{admm_iters}} ({self.admm_iters}): it cannot be larger"
+                f"{{admm_iters}} ({self.admm_iters}): it cannot be larger (the mask would end short of the sparsity)"
             )
         if self.admm_per_out and (self.method != "admm" or self.nm[1]):
             raise OptionError("{admm_per_out} is {method} admm's unstructured per-row sparsity: drop it here")
-        if self.method in OPTIMIZERS and self.tiered:
-            raise OptionError(
-                f"{{method}} {self.method} solves for an unstructured or N:M pattern; for {self.sparsity_type} use "
-                "{method} wanda with {refine} admm (the ADMM weight update on the tile mask)"
-            )
         if self.refine == "admm":
             if self.reconstruction:
                 raise OptionError("{refine} admm and {reconstruction} both update the kept weights: choose one")
@@ -216,6 +211,11 @@ class PruneConfig:
         selection = TierSelection.parse(self.tier_selection)  # ValueError naming the choices
         if not self.tiered:
             return
+        if self.method in OPTIMIZERS:
+            raise OptionError(
+                f"{{method}} {self.method} solves for an unstructured or N:M pattern; for {self.sparsity_type} use "
+                "{method} wanda with {refine} admm (the ADMM weight update on the tile mask)"
+            )
         if self.method not in ("wanda", "magnitude"):
             raise OptionError(
                 f"{{sparsity_type}} {self.sparsity_type} ranks tiles by Wanda's metric or by |W|: use {{method}} wanda "

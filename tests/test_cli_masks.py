@@ -66,3 +66,33 @@ def test_the_published_flag_names_are_accepted(tiny_opt, tmp_path, capsys):  # n
 )
 def test_flags_that_would_do_nothing_are_refused_in_one_line(tiny_opt, capsys, flags, fragments):  # noqa: F811
     assert_one_line_error(capsys, run_main([*prune_argv(tiny_opt), *flags]), *fragments)
+
+
+def test_alps_and_admm_run_from_the_command_line_with_their_errors_in_the_metrics(tiny_opt, tmp_path, capsys):  # noqa: F811
+    argv = prune_argv(tiny_opt, "--alps_max_iter", "30", "--save", str(tmp_path), method="alps", kind="2:4")
+    assert run_main(argv) == 0
+    metrics = read_metrics(tmp_path)
+    assert metrics["prune_config"]["method"] == "alps" and metrics["prune_config"]["alps_max_iter"] == 30
+    assert metrics["prune_config"]["alps_rho"] == 0.1  # the published default
+    layer = metrics["prune"]["layers"][0]
+    assert layer["error_kind"] == "hessian" and 0 < min(layer["errors"].values()) < 1
+    admm = tmp_path / "admm"
+    argv = prune_argv(tiny_opt, "--refine", "admm", "--admm_iters", "5", "--save", str(admm), kind="2:4")
+    assert run_main(argv) == 0
+    config = read_metrics(admm)["prune_config"]
+    assert config["refine"] == "admm" and config["admm_iters"] == 5
+
+
+@pytest.mark.parametrize(
+    "flags, fragments",
+    [
+        (["--alps_rho", "0.5"], ("--alps_rho", "--prune_method alps")),
+        (["--admm_iters", "5"], ("--admm_iters", "--refine admm")),
+        (["--refine", "admm", "--admm_iterative_prune", "3"], ("--admm_iterative_prune", "mask is given")),
+        (["--prune_method", "admm", "--admm_iters", "0"], ("--admm_iters", "positive integer")),
+        (["--prune_method", "alps", "--sparsity_type", "three_tier"], ("--refine admm",)),
+        (["--refine", "admm", "--reconstruction"], ("--reconstruction", "choose one")),
+    ],
+)
+def test_optimizer_flags_that_would_do_nothing_are_refused_in_one_line(tiny_opt, capsys, flags, fragments):  # noqa: F811
+    assert_one_line_error(capsys, run_main([*prune_argv(tiny_opt), *flags]), *fragments)

@@ -22,6 +22,9 @@ def format_summary(metrics: dict, model: str, kept: list[str]) -> str:
         ("method", f"{config.get('method', '?')} {kind}{ratio}" + (f" + {', '.join(extras)}" if extras else "")),
         ("sparsity", f"{metrics.get('actual_sparsity', float('nan')):.4f} of the decoder-layer Linears' weights"),
     ]
+    error = layer_error_line(prune.get("layers", []))
+    if error:
+        rows.append(("layer error", error))
     ppl, dense = metrics.get("ppl_test"), metrics.get("ppl_dense")
     if ppl is not None:
         rows.append(("perplexity", f"{ppl:.4f}" + (f" (dense {dense:.4f})" if dense is not None else "")))
@@ -34,6 +37,25 @@ def format_summary(metrics: dict, model: str, kept: list[str]) -> str:
         rows.append(("written", ", ".join(kept)))
     width = max(len(name) for name, _ in rows)
     return "\n".join(["summary"] + [f"  {name:<{width}}  {value}" for name, value in rows])
+
+
+def layer_error_line(layers: list[dict]) -> str:
+    """The mean relative reconstruction error over every pruned Linear, how it was measured, and the worst one."""
+    errors = [
+        (f"layer {layer['index']} {name}", value) for layer in layers for name, value in layer.get("errors", {}).items()
+    ]
+    if not errors:
+        return ""
+    kinds = sorted({layer.get("error_kind") for layer in layers if layer.get("errors")} - {None})
+    how = {
+        "hessian": "exact, from X^T X",
+        "norms": "diagonal proxy from ||X_j||",
+        "weights": "||dW|| / ||W||, no activations",
+    }
+    mean = sum(value for _, value in errors) / len(errors)
+    worst = max(errors, key=lambda item: item[1])
+    measured = "; ".join(how.get(kind, kind) for kind in kinds)
+    return f"{mean:.4g} mean over {len(errors)} Linears ({measured}), worst {worst[1]:.4g} at {worst[0]}"
 
 
 def zero_shot_line(results) -> str:
