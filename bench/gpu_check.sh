@@ -10,7 +10,7 @@
 #      failed its check);
 #   3. 2:4 inference, quick: per-Linear at M = 1, 16, 2048, 8192, then OPT-13B prefill and decode (issue 4);
 #   4. Wanda on OPT-6.7B, then the mask kernels on real shapes, against locuslab/wanda's code path;
-#   5. SparseGPT on OPT-6.7B, ours only (issue 5: <= 45 s);
+#   5. SparseGPT on OPT-6.7B, ours only (issue 5: <= 45 s); ALPS 2:4 on OPT-1.3B, ours only (issue 21);
 #   6. the rest of 2:4 inference: OPT-6.7B and LLaMA-7B, and the other per-Linear sizes, then the quality
 #      table on SmolLM2-135M by the published protocol where its model folder is present (SMOLLM2_DIR);
 #   7. all the kernel tests (2:4 GEMV and its every candidate, decode fusion) on the GPU, if time is left
@@ -115,6 +115,8 @@ main() {
         step "bench: Wanda OPT-6.7B, kernels" 150 0 "0" "${bench[@]}" e2e kernels
         step "bench: SparseGPT OPT-6.7B (ours only)" 90 0 "0" "${bench[@]}" e2e \
             --e2e-run opt-6.7b:sparsegpt:unstructured --no-reference
+        step "bench: ALPS OPT-1.3B 2:4 (ours only; issue 21)" 150 0 "0" "${bench[@]}" e2e \
+            --e2e-run opt-1.3b:alps:2:4 --no-reference
         step "bench: 2:4 inference, the rest" 240 0 "0" "${bench[@]}" inference \
             --inference-models opt-6.7b,llama-7b --linear-tokens 4,8,32,128
         # Quality on a real model by the published protocol (128x2048 calibration, the whole test set). The GPU

@@ -1,6 +1,6 @@
 """Pruning quality on a real trained model: stories260K (llama2.c), dense vs pruned perplexity.
 
-    python -m bench.stories_quality [--ablations] [--masks] [--out FILE]
+    python -m bench.stories_quality [--ablations] [--masks] [--optimizers] [--out FILE]
 
 The model is Karpathy's stories260K (a 5-layer Llama trained on TinyStories), converted to a Hugging Face
 LlamaForCausalLM from ../shared/data. Evaluation: the first EVAL_CHARS characters of the TinyStories text,
@@ -42,6 +42,13 @@ def mask_configs() -> list[tuple[str, str, dict]]:
     return [(method, kind, options) for method, _ratio, kind, options in MASK_CONFIGS]
 
 
+def optimizer_configs() -> list[tuple[str, str, dict, float]]:
+    """ALPS and ADMM against SparseGPT (``bench.quality``'s suite), as (method, type, options, ratio)."""
+    from bench.quality import OPTIMIZER_CONFIGS
+
+    return [(method, kind, options, ratio) for method, ratio, kind, options in OPTIMIZER_CONFIGS]
+
+
 def run(data_dir: Path = SHARED_DATA, configs: list[tuple] = CONFIGS) -> list[dict]:
     import pruning
     from bench.fixtures.llama2c import load_llama2c
@@ -67,13 +74,17 @@ def run(data_dir: Path = SHARED_DATA, configs: list[tuple] = CONFIGS) -> list[di
                 "ppl": perplexity(dense, eval_ids, SEQLEN, batch_size=16, progress=False)}]  # fmt: skip
     for method, sparsity_type, *rest in configs:
         options = dict(rest[0]) if rest else {}
+        ratio = rest[1] if len(rest) > 1 else 0.5
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
-        report = pruning.prune_model(model, calib_ids, method, 0.5, sparsity_type, backend="torch", **options)
+        report = pruning.prune_model(model, calib_ids, method, ratio, sparsity_type, backend="torch", **options)
         seconds = time.perf_counter() - t0
         ppl = perplexity(model, eval_ids, SEQLEN, batch_size=16, progress=False)
-        record = {**common, "method": method, "sparsity_type": sparsity_type,
+        record = {**common, "method": method, "sparsity_type": sparsity_type, "sparsity_ratio": ratio,
                   "sparsity": report.actual_sparsity, "ppl": ppl, "prune_seconds": seconds}  # fmt: skip
+        errors = [e for layer in report.layers for e in layer.errors.values()]
+        if errors:
+            record.update(error_kind=report.layers[0].error_kind, mean_error=sum(errors) / len(errors))
         if options:
             record.update(label=label(method, sparsity_type, options), options=options)
         records.append(record)
@@ -83,7 +94,7 @@ def run(data_dir: Path = SHARED_DATA, configs: list[tuple] = CONFIGS) -> list[di
 def format_table(records: list[dict]) -> str:
     lines = ["| method | sparsity | actual sparsity | ppl |", "|---|---|---|---|"]
     for r in records:
-        label = "dense" if r["method"] == "dense" else f"50% {r['sparsity_type']}"
+        label = "dense" if r["method"] == "dense" else f"{r.get('sparsity_ratio', 0.5):.0%} {r['sparsity_type']}"
         lines.append(f"| {r.get('label', r['method'])} | {label} | {r['sparsity']:.4f} | {r['ppl']:.3f} |")
     return "\n".join(lines)
 
@@ -93,11 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON-lines file (default: bench/results/)")
     parser.add_argument("--ablations", action="store_true", help="also Wanda's ablate_* methods")
     parser.add_argument("--masks", action="store_true", help="the RIA / permutation / DSnoT suite instead")
+    parser.add_argument("--optimizers", action="store_true", help="ALPS and ADMM against SparseGPT instead")
     args = parser.parse_args(argv)
     if not (SHARED_DATA / "stories260K").is_dir():
         print(f"stories260K not found under {SHARED_DATA}; nothing to measure")
         return 2
     configs = mask_configs() if args.masks else CONFIGS + (ABLATION_CONFIGS if args.ablations else [])
+    if args.optimizers:
+        configs = optimizer_configs()
     records = run(configs=configs)
     out = (
         args.out or Path(__file__).resolve().parent / "results" / f"{dt.date.today().isoformat()}_stories260k-cpu.jsonl"

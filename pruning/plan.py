@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pruning.adapters import DecoderAdapter, check_one_mask_for_every_layer, get_adapter
-from pruning.config import PruneConfig
+from pruning.config import OPTIMIZERS, PruneConfig
 from pruning.errors import OptionError
 from pruning.memory import host_memory, size
 from pruning.placement import activation_store, check_layers_placeable, compute_device_for, module_device
@@ -152,7 +152,7 @@ def estimate_memory(
 def statistics_bytes(adapter: DecoderAdapter, layers: nn.ModuleList, config: PruneConfig) -> int:
     """One layer's calibration statistics, all alive during its statistics pass: Wanda, a fp32 norm per input
     feature of each group; SparseGPT (and its ablations), a fp32 [C, C] Hessian per Linear group (q/k/v share
-    one) plus the factorization's workspace; magnitude, none."""
+    one) plus the factorization's workspace (ALPS and ADMM: their normalized Gram too); magnitude, none."""
     if not config.needs_calibration:
         return 0
     layer = layers[0]
@@ -160,7 +160,10 @@ def statistics_bytes(adapter: DecoderAdapter, layers: nn.ModuleList, config: Pru
     widths = [modules[group[0]].in_features for group in adapter.groups_for(layer)]
     if collected_for(config)[0] == "norms":
         return 4 * sum(widths)
-    return 4 * sum(w * w for w in widths) + 2 * 4 * max(widths) ** 2
+    workspace = 2 * 4 * max(widths) ** 2
+    if config.method in OPTIMIZERS or config.refine == "admm":  # float64 eigenvectors, the normalized Gram, the inverse
+        workspace += (8 + 4 + 4) * max(widths) ** 2
+    return 4 * sum(w * w for w in widths) + workspace
 
 
 def check_host_memory(needed: int, nsamples: int, seqlen: int, hessians: int = 0) -> None:

@@ -67,6 +67,14 @@ def test_without_the_reference_only_ours_is_measured(tmp_path):
     assert record["correct"] is True  # the sparsity check alone
 
 
+def test_methods_without_a_published_code_path_are_timed_alone(tmp_path):
+    out = tmp_path / "e2e.jsonl"
+    assert main(["e2e", "--smoke", "--e2e-run", "opt-6.7b:alps:2:4", "--out", str(out)]) == 0
+    (record,) = _records(out)
+    assert (record["provider"], record["op"]) == ("ours", "prune_alps_2:4")
+    assert record["speedup_vs_reference"] is None and record["correct"] is True
+
+
 @pytest.mark.parametrize("sparsity_type", ["unstructured", "2:4"])
 def test_locuslab_reimplementation_gives_our_masks(sparsity_type):
     ids = models.calibration_ids(6, 24, models.SMOKE_VOCAB)

@@ -70,3 +70,20 @@ def test_the_tile_and_owl_suite_matches_the_unstructured_rows_to_the_forks_spars
     assert "| wanda three_tier fork |" in quality.format_list(records)
     names = {quality.label(m, k, (o[0] if o else {})) for m, _, k, *o in quality.configs(False, tiers=True)}
     assert {"wanda three_tier fork", "wanda three_tier balanced", "sparsegpt owl", "wanda owl"} <= names
+
+
+def test_the_optimizer_suite_records_each_linears_error_on_the_same_ids(tmp_path):
+    model_dir, eval_text, calibration_text = _tiny_model_and_texts(tmp_path)
+    suite = quality.configs(False, optimizers=True)
+    assert {(m, r, k) for m, r, k, _ in suite} >= {(m, r, k) for m in ("sparsegpt", "alps", "admm")
+                                                     for r, k in quality.OPTIMIZER_SETTINGS}  # fmt: skip
+    todo = [c for c in suite if c[1:3] == (0.5, "2:4")]
+    records = quality.run(model_dir, tmp_path / "opt.jsonl", nsamples=2, seqlen=32, eval_windows=2, todo=todo,
+                          eval_text=eval_text, calibration_text=calibration_text)  # fmt: skip
+    by_label = {r.get("label", r["method"]): r for r in records[1:]}
+    assert set(by_label) == {"sparsegpt", "alps", "admm", "wanda +admm"}
+    for record in by_label.values():
+        assert record["error_kind"] == "hessian" and record["sparsity"] == 0.5
+        errors = [e for layer in record["layer_errors"] for e in layer.values()]
+        assert len(errors) == 2 * 7 and record["mean_error"] == sum(errors) / len(errors)
+    assert by_label["alps"]["mean_error"] < by_label["sparsegpt"]["mean_error"]
