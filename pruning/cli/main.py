@@ -3,6 +3,7 @@
     wanda-prune --model facebook/opt-125m --prune_method wanda --sparsity_ratio 0.5 --sparsity_type 2:4 --save out/
     wanda-prune check MODEL      # before a long job: load, show layers and shapes, generate, validate weights
     wanda-prune demo             # prune a real small model on the CPU and compare (no network needed)
+    wanda-prune report DIR       # every run's metrics in a --save directory as one table
     wanda-prune --version        # this package's version and git commit; no arguments: the help
 
 Bad input prints one line, ``error: ...``, and exits 2 (WANDA_DEBUG=1 shows the traceback); Ctrl-C exits
@@ -95,6 +96,10 @@ def _main(argv: list[str]) -> int:
             from pruning.cli.check import run_check
 
             return run_check(argv[1:])
+        if argv[0] == "report":
+            from pruning.cli.report import run_report
+
+            return run_report(argv[1:])
         from pruning.cli.prune import run_prune
 
         args = build_parser().parse_args(argv)

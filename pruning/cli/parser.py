@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="wanda-prune",
         description="Prune a Hugging Face causal LM with Wanda, SparseGPT or magnitude (locuslab/wanda's flags).",
-        epilog="Subcommands: 'wanda-prune check MODEL' and 'wanda-prune demo'; 'wanda-prune --version'.",
+        epilog="Subcommands: 'wanda-prune check MODEL', 'wanda-prune report DIR' and 'wanda-prune demo'; "
+        "'wanda-prune --version'.",
     )
     p.add_argument("-V", "--version", action=_PrintVersion, help="this package's version and git commit")
     # locuslab/wanda main.py / main_opt.py flags, same meanings and defaults

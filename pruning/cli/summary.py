@@ -9,17 +9,9 @@ from __future__ import annotations
 def format_summary(metrics: dict, model: str, kept: list[str]) -> str:
     """A few aligned lines from a run's metrics (``pruning.cli.prune.run_prune``) and the files it wrote."""
     prune = metrics.get("prune", {})
-    config = metrics.get("prune_config", {})
-    kind = config.get("sparsity_type", "")
-    ratio = "" if kind in ("three_tier", "hybrid_2_4") else f" at {config.get('sparsity_ratio', 0):g}"
-    extras = [flag for flag, on in (("permute_channels", config.get("permute_channels")),
-                                    (f"refine {config.get('refine')}", config.get("refine") not in (None, "none")),
-                                    ("reconstruction", config.get("reconstruction")), ("refit", config.get("refit")),
-                                    (f"allocation {config.get('allocation')}", config.get("allocation") == "owl"))
-              if on]  # fmt: skip
     rows = [
         ("model", model),
-        ("method", f"{config.get('method', '?')} {kind}{ratio}" + (f" + {', '.join(extras)}" if extras else "")),
+        ("method", method_line(metrics.get("prune_config", {}))),
         ("sparsity", f"{metrics.get('actual_sparsity', float('nan')):.4f} of the decoder-layer Linears' weights"),
     ]
     error = layer_error_line(prune.get("layers", []))
@@ -37,6 +29,18 @@ def format_summary(metrics: dict, model: str, kept: list[str]) -> str:
         rows.append(("written", ", ".join(kept)))
     width = max(len(name) for name, _ in rows)
     return "\n".join(["summary"] + [f"  {name:<{width}}  {value}" for name, value in rows])
+
+
+def method_line(config: dict) -> str:
+    """``wanda 2:4 at 0.5 + permute_channels, refit``: the method, its pattern and its add-ons, from a prune_config."""
+    kind = config.get("sparsity_type", "")
+    ratio = "" if kind in ("three_tier", "hybrid_2_4") else f" at {config.get('sparsity_ratio', 0):g}"
+    extras = [flag for flag, on in (("permute_channels", config.get("permute_channels")),
+                                    (f"refine {config.get('refine')}", config.get("refine") not in (None, "none")),
+                                    ("reconstruction", config.get("reconstruction")), ("refit", config.get("refit")),
+                                    (f"allocation {config.get('allocation')}", config.get("allocation") == "owl"))
+              if on]  # fmt: skip
+    return f"{config.get('method', '?')} {kind}{ratio}" + (f" + {', '.join(extras)}" if extras else "")
 
 
 def layer_error_line(layers: list[dict]) -> str:
@@ -58,17 +62,27 @@ def layer_error_line(layers: list[dict]) -> str:
     return f"{mean:.4g} mean over {len(errors)} Linears ({measured}), worst {worst[1]:.4g} at {worst[0]}"
 
 
-def zero_shot_line(results) -> str:
-    """Each task's accuracy and their mean, from whatever lm-eval returned (a dict per task, or a number)."""
-    if not isinstance(results, dict) or not results:
-        return str(results)
+def zero_shot_scores(results) -> dict[str, float]:
+    """Each task's accuracy from whatever lm-eval returned (a dict per task, or a number); {} if none."""
+    if not isinstance(results, dict):
+        return {}
     scores = {}
     for task, value in results.items():
         if isinstance(value, dict):
             value = next((value[k] for k in ("acc,none", "acc", "acc_norm,none") if k in value), None)
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             scores[task] = float(value)
+    return scores
+
+
+def zero_shot_mean(results) -> float | None:
+    scores = zero_shot_scores(results)
+    return sum(scores.values()) / len(scores) if scores else None
+
+
+def zero_shot_line(results) -> str:
+    """Each task's accuracy and their mean."""
+    scores = zero_shot_scores(results)
     if not scores:
         return str(results)
-    mean = sum(scores.values()) / len(scores)
-    return ", ".join(f"{task} {score:.4f}" for task, score in scores.items()) + f"; mean {mean:.4f}"
+    return ", ".join(f"{task} {score:.4f}" for task, score in scores.items()) + f"; mean {zero_shot_mean(results):.4f}"
