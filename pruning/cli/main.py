@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import NoReturn
 
-from pruning.cli.parser import build_parser, first_line, version_line
+from pruning.cli.parser import build_parser, first_line, parse_prune_args, version_line
 
 
 class Terminated(KeyboardInterrupt):
@@ -102,9 +102,9 @@ def _main(argv: list[str]) -> int:
             return run_report(argv[1:])
         from pruning.cli.prune import run_prune
 
-        args = build_parser().parse_args(argv)
+        args = parse_prune_args(argv)
         with _logging_as_asked(args):
-            run_prune(args)
+            run_prune(args, argv)
         return 0
     except (ValueError, OSError, ImportError) as err:
         if os.environ.get("WANDA_DEBUG"):

@@ -123,14 +123,28 @@ def versions() -> dict[str, str | None]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    from importlib import metadata
+
+    def installed(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
     return {
+        "wanda-kernels": installed("wanda-kernels"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton_version,
         "transformers": transformers.__version__,
+        **{name: installed(name) for name in ("accelerate", "datasets", "lm_eval", "huggingface_hub", "safetensors")},
         "cuda": torch.version.cuda,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
+
+
+def write_text_atomically(path: Path, text: str) -> Path:
+    return _write_atomically(path, text)
 
 
 def _write_atomically(path: Path, text: str) -> Path:
@@ -178,11 +192,13 @@ def _step(name: str) -> None:
 
 
 def save_model_atomically(
-    model, tokenizer, target: Path, overwrite: bool, save_format: str = "dense", on_saved=None
-) -> Path:
+    model, tokenizer, target: Path, overwrite: bool, save_format: str = "dense", on_saved=None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:  # fmt: skip
     """Write into a hidden sibling directory, flush it to disk, then rename it into place: a crash or a kill never
     leaves a half-written model at ``target``, and an existing one is only replaced (``overwrite``) once the new
     one is complete. SIGINT/SIGTERM are held during the swap. ``save_format="sparse24"``: ``pruning.sparse24``.
+    ``extra_files``: name -> text written beside the weights (the run's pruning_config.json and model card).
     Call with the target's lock held (``durable.target_locked``) when other runs may write it. ``on_saved(target)``
     runs once the model is in place, before a held signal is delivered (so a caller can say it was saved)."""
     from pruning.infer.fusion import check_not_fused
@@ -199,6 +215,8 @@ def save_model_atomically(
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
             checksums.record(staging)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
         _step("staged")
         durable.chmod_tree_to_umask(staging)  # weights follow the umask like every other file
         durable.fsync_tree(staging)  # on disk before the rename that publishes it

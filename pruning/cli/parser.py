@@ -46,6 +46,12 @@ class _PrintVersion(argparse.Action):
 
 def version_line() -> str:
     """``wanda-prune VERSION (git SHA)``: the installed distribution's version, and the checkout's commit if any."""
+    version, sha = package_version()
+    return f"wanda-prune {version}" + (f" (git {sha})" if sha else "")
+
+
+def package_version() -> tuple[str, str]:
+    """(this distribution's version, the checkout's git commit or "")."""
     import subprocess
     from importlib import metadata
     from pathlib import Path
@@ -60,7 +66,7 @@ def version_line() -> str:
                              text=True, timeout=5).stdout.strip()  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         sha = ""
-    return f"wanda-prune {version}" + (f" (git {sha})" if sha else "")
+    return version, sha
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
         "'wanda-prune --version'.",
     )
     p.add_argument("-V", "--version", action=_PrintVersion, help="this package's version and git commit")
+    p.add_argument(
+        "--config", default=None, metavar="FILE",
+        help="flags from a JSON or YAML file (a saved model's pruning_config.json replays its run); flags on the "
+        "command line override it",
+    )  # fmt: skip
     # locuslab/wanda main.py / main_opt.py flags, same meanings and defaults
     p.add_argument("--model", required=True, help="HF model id or local directory")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling the calibration data")
@@ -213,3 +224,66 @@ def add_tier_flags(p: argparse.ArgumentParser) -> None:
     )
     for name, (kind, text) in ALLOCATION_FLAGS.items():
         p.add_argument(f"--{name}", type=kind, default=None, help=text)
+
+
+# Flags a replayed pruning_config.json does not carry over: where this run writes, and how it logs.
+RUN_LOCAL_FLAGS = ("config", "save", "save_model", "overwrite", "log_file", "quiet", "verbose")
+
+
+def parse_prune_args(argv: list[str]) -> argparse.Namespace:
+    """The prune command's flags, with ``--config FILE``'s values as defaults that the command line overrides."""
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        values = load_flag_file(known.config, parser)
+        for action in parser._actions:
+            if action.dest in values:
+                action.required = False
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def load_flag_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    """``{flag name: value}`` from a JSON or YAML mapping, or from a pruning_config.json (its ``flags``); an unknown
+    name or a wrong type is one line naming it."""
+    import json
+    from pathlib import Path
+
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--config {path!r}: {getattr(err, 'strerror', None) or err}") from None
+    try:
+        if file.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:  # json.JSONDecodeError, yaml.YAMLError: the parser's own message
+        raise ValueError(
+            f"--config {path!r} is not valid {file.suffix.lstrip('.') or 'JSON'}: {first_line(err)}"
+        ) from None
+    if isinstance(data, dict) and isinstance(data.get("flags"), dict):  # a saved model's pruning_config.json
+        data = {k: v for k, v in data["flags"].items() if k not in RUN_LOCAL_FLAGS}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path!r} must hold a mapping of flag names to values, got {type(data).__name__}")
+    actions = {action.dest: action for action in parser._actions}
+    values = {}
+    for key, value in data.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        action = actions.get(name)
+        if action is None or name in ("help", "version", "config"):
+            raise ValueError(f"--config {path!r}: unknown flag {key!r} (see 'wanda-prune --help')")
+        if value is not None and action.type is not None and not isinstance(value, bool):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"--config {path!r}: {key} must be {action.type.__name__}, got {value!r}") from None
+        if action.choices is not None and value is not None and value not in action.choices:
+            raise ValueError(f"--config {path!r}: {key} must be one of {', '.join(map(str, action.choices))}")
+        values[name] = value
+    return values

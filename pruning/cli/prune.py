@@ -63,7 +63,7 @@ def evaluate_zero_shot(model, tokenizer, args: argparse.Namespace) -> dict:
     )
 
 
-def run_prune(args: argparse.Namespace) -> dict:
+def run_prune(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     """Validate, load, prune, save the model (--save_model), evaluate, write --save, then the optional
     zero-shot step. The --save_model target is locked for the whole run."""
 
@@ -82,15 +82,16 @@ def run_prune(args: argparse.Namespace) -> dict:
                         f"--save_model {str(target)!r} held no model, and the previous one was put back from what an "
                         "interrupted run left beside it; pass --overwrite to replace it, or choose another directory"
                     )
-            return _run(args, config, started, kept)
+            return _run(args, config, started, kept, argv)
     except KeyboardInterrupt as interrupt:
         interrupt.saved = list(kept)  # type: ignore[attr-defined]
         raise
 
 
-def _run(args: argparse.Namespace, config: PruneConfig, started: float, kept: list[str]) -> dict:
+def _run(args: argparse.Namespace, config: PruneConfig, started: float, kept: list[str], argv=None) -> dict:
     from pruning.adapters import get_adapter
     from pruning.cli.outputs import metrics_path, save_model_atomically, versions, write_metrics, write_wanda_log
+    from pruning.cli.provenance import provenance, provenance_files, update_model_card
     from pruning.data import DataError, get_calibration_ids
     from pruning.driver import prune_model
     from pruning.loading import load_config, load_model, load_tokenizer
@@ -135,6 +136,7 @@ def _run(args: argparse.Namespace, config: PruneConfig, started: float, kept: li
 
     metrics: dict = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "versions": versions()}
     metrics["prune_config"] = dataclasses.asdict(config)  # every option as used, defaults filled in
+    metrics["provenance"] = provenance(argv, calibration_ids, eval_ids, args)
     if args.eval_dense:
         with _out_of_memory_as_error("evaluating the dense model", "evaluating", streamed):
             metrics["ppl_dense"] = evaluate_ppl(model, eval_ids, args, seqlen)
@@ -158,15 +160,18 @@ def _run(args: argparse.Namespace, config: PruneConfig, started: float, kept: li
             log.info("saved the pruned model to %s", target)
             kept.append(str(target))
 
-        save_model_atomically(
-            model, tokenizer, Path(args.save_model).expanduser(), args.overwrite, args.save_format, on_saved=saved
-        )
+        saved_to = save_model_atomically(
+            model, tokenizer, Path(args.save_model).expanduser(), args.overwrite, args.save_format, on_saved=saved,
+            extra_files=provenance_files(metrics),
+        )  # fmt: skip
     with _out_of_memory_as_error("evaluating perplexity", "evaluating", streamed, kept):
         metrics["ppl_test"] = evaluate_ppl(model, eval_ids, args, seqlen)
     if eval_ids is not None:
         name = "wikitext" if args.eval_dataset == "wikitext2" else args.eval_dataset
         print(f"{name} perplexity {metrics['ppl_test']:.4f}")  # full precision in metrics_*.json
     metrics["total_seconds"] = time.perf_counter() - started
+    if args.save_model:
+        update_model_card(saved_to, metrics)
     # Results are written before zero-shot evaluation (slow, and it downloads task data): it cannot lose them.
     save_dir = Path(args.save).expanduser() if args.save else None
     if save_dir:
@@ -190,6 +195,8 @@ def _run(args: argparse.Namespace, config: PruneConfig, started: float, kept: li
         metrics["total_seconds"] = time.perf_counter() - started
         if save_dir:
             write_metrics(metrics_file, metrics)
+        if args.save_model:
+            update_model_card(saved_to, metrics)
     from pruning.cli.summary import format_summary
 
     print(format_summary(metrics, str(args.model), kept))
