@@ -211,7 +211,28 @@ def zero_shot(
     )
     if results is None:  # non-zero ranks in distributed runs
         return {}
-    return dict(results["results"])
+    return ZeroShotResults(results)
+
+
+class ZeroShotResults(dict):
+    """lm-eval's per-task metrics (``simple_evaluate(...)["results"]``), with what else a report needs: lm-eval's
+    own table (``lm_eval.utils.make_table``), each task's version and n-shot, and lm-eval's version."""
+
+    def __init__(self, evaluated: dict):
+        super().__init__(evaluated["results"])
+        from importlib import metadata
+
+        try:
+            from lm_eval.utils import make_table
+
+            self.table = make_table(evaluated)
+        except Exception:  # the table is for people; a change in lm-eval's helper must not cost the results
+            self.table = None
+        self.meta = {
+            "lm_eval_version": metadata.version("lm_eval"),
+            "task_versions": dict(evaluated.get("versions", {})),
+            "n_shot": dict(evaluated.get("n-shot", {})),
+        }
 
 
 def model_perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, batch_size: int = 1) -> float:

@@ -73,3 +73,53 @@ def test_a_bad_config_file_is_one_line(tmp_path, capsys, name, text, fragment):
     if text is not None:
         path.write_text(text)
     assert_one_line_error(capsys, run_main(["--config", str(path)]), fragment)
+
+
+def test_push_to_hub_uploads_the_saved_model_last(tiny_opt, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create", repo_id))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            calls.append(("upload", repo_id, sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    model_dir = tmp_path / "model"
+    argv = prune_argv(tiny_opt, "--save_model", str(model_dir), "--push_to_hub", "me/tiny-pruned")
+    assert run_main(argv) == 0
+    assert calls[0] == ("create", "me/tiny-pruned")
+    assert calls[1][:2] == ("upload", "me/tiny-pruned") and {"README.md", "pruning_config.json"} <= set(calls[1][2])
+
+    class Unreachable(FakeApi):
+        def upload_folder(self, *args, **kwargs):
+            raise ConnectionError("Max retries exceeded\nwith url")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Unreachable)
+    capsys.readouterr()
+    other = tmp_path / "other"
+    argv = prune_argv(tiny_opt, "--save_model", str(other), "--push_to_hub", "me/tiny-pruned")
+    assert_one_line_error(capsys, run_main(argv), "--push_to_hub", "ConnectionError", str(other))
+    assert (other / "model.safetensors").is_file()  # the failed push cost nothing
+
+
+@pytest.mark.parametrize(
+    "flags, env, fragment",
+    [
+        (["--push_to_hub", "me/x"], {}, "add --save_model"),
+        (["--push_to_hub", "not a repo!", "--save_model", "SAVE"], {}, "not a Hub repo id"),
+        (["--push_to_hub", "me/x", "--save_model", "SAVE"], {"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE"),
+    ],
+)
+def test_push_to_hub_problems_are_found_before_any_work(tiny_opt, tmp_path, capsys, monkeypatch, flags, env, fragment):  # noqa: F811
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    flags = [str(tmp_path / "m") if f == "SAVE" else f for f in flags]
+    assert_one_line_error(capsys, run_main([*prune_argv(tiny_opt), *flags]), fragment)
+    assert not (tmp_path / "m").exists()

@@ -217,6 +217,8 @@ def test_zero_shot_scores_the_in_memory_model_like_an_independent_loglikelihood(
     monkeypatch.setattr(lm_eval, "simple_evaluate", keep_samples)
     results = zero_shot(model, tokenizer, ["local_mc"], include_path=str(tmp_path))
     assert results["local_mc"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
+    assert "local_mc" in results.table and "acc" in results.table  # lm-eval's own table
+    assert results.meta["n_shot"] == {"local_mc": 0} and results.meta["lm_eval_version"]
     samples = sorted(captured["samples"]["local_mc"], key=lambda s: s["doc_id"])
     for doc, sample in zip(LOCAL_DOCS, samples, strict=True):
         got = [float(resp[0]) for resp in sample["filtered_resps"]]

@@ -41,14 +41,28 @@ def main(argv: list[str] | None = None) -> int:
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    # On a terminal, log lines go above a progress bar instead of through it; elsewhere there are no bars.
+    # On a terminal, log lines go above a progress bar instead of through it; elsewhere there are no bars, ours
+    # or transformers' (loading and saving weights) and the Hub's.
     redirect = logging_redirect_tqdm() if sys.stderr.isatty() else contextlib.nullcontext()
+    if not sys.stderr.isatty():
+        _progress_bars_off()
     try:
         with redirect:
             return _main(argv)
     finally:
         if in_main_thread:  # None: a handler not set from Python; the default is the closest to it
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_sigterm is None else previous_sigterm)
+
+
+def _progress_bars_off() -> None:
+    with contextlib.suppress(ImportError, AttributeError):
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    with contextlib.suppress(ImportError, AttributeError):
+        import huggingface_hub.utils
+
+        huggingface_hub.utils.disable_progress_bars()
 
 
 class _logging_as_asked:

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_dataset", default="wikitext2", help="wikitext2, c4, a local text file, or 'none'")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="mask kernels: triton (GPU) or torch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save_model directory")
+    p.add_argument("--push_to_hub", default=None, metavar="REPO",
+                   help="last, upload the --save_model directory to this Hub repo (user/name)")  # fmt: skip
     p.add_argument("--log_file", default=None, help="also write the log (every level shown) to this file")
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -227,7 +229,7 @@ def add_tier_flags(p: argparse.ArgumentParser) -> None:
 
 
 # Flags a replayed pruning_config.json does not carry over: where this run writes, and how it logs.
-RUN_LOCAL_FLAGS = ("config", "save", "save_model", "overwrite", "log_file", "quiet", "verbose")
+RUN_LOCAL_FLAGS = ("config", "save", "save_model", "overwrite", "log_file", "quiet", "verbose", "push_to_hub")
 
 
 def parse_prune_args(argv: list[str]) -> argparse.Namespace:

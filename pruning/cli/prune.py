@@ -191,6 +191,11 @@ def _run(args: argparse.Namespace, config: PruneConfig, started: float, kept: li
             raise ValueError(f"zero-shot evaluation failed ({type(err).__name__}: {first_line(err)}){saved}") from err
         from pruning.cli.summary import zero_shot_line
 
+        table = getattr(metrics["zero_shot"], "table", None)
+        if table:
+            print(table)
+        if getattr(metrics["zero_shot"], "meta", None):
+            metrics["zero_shot_meta"] = metrics["zero_shot"].meta
         print(f"zero-shot: {zero_shot_line(metrics['zero_shot'])}")
         metrics["total_seconds"] = time.perf_counter() - started
         if save_dir:
@@ -200,6 +205,10 @@ def _run(args: argparse.Namespace, config: PruneConfig, started: float, kept: li
     from pruning.cli.summary import format_summary
 
     print(format_summary(metrics, str(args.model), kept))
+    if args.push_to_hub:  # last: every result is written, so a failed upload costs nothing
+        from pruning.cli.push import push_model
+
+        push_model(args.push_to_hub, saved_to)
     return metrics
 
 

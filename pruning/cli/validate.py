@@ -126,6 +126,9 @@ def validate_args(args: argparse.Namespace) -> PruneConfig:
             "and --save_model DIR"
         )
     _check_output_paths(args)
+    from pruning.cli.push import check_push_target
+
+    check_push_target(args.push_to_hub, args.save_model)
     if args.save:
         from pruning.cli.outputs import check_save_dir
 
