@@ -15,15 +15,21 @@ from torch import nn
 
 def run_check(argv: list[str]) -> int:
     from pruning.adapters import get_adapter
-    from pruning.cli.parser import ArgumentParser
+    from pruning.cli.parser import ArgumentParser, HelpFormatter, add_dashed_aliases
     from pruning.loading import load_config, load_model, load_tokenizer
 
-    parser = ArgumentParser(prog="wanda-prune check", description=__doc__.splitlines()[0])
-    parser.add_argument("model")
-    parser.add_argument("--cache_dir", default="llm_weights")
-    parser.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto")
-    parser.add_argument("--prompt", default="The capital of France is")
-    parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser = ArgumentParser(
+        prog="wanda-prune check", description=__doc__.split("\n\n", 1)[1].strip(), formatter_class=HelpFormatter,
+        epilog="examples:\n  wanda-prune check facebook/opt-1.3b\n  wanda-prune check pruned/opt-6.7b-24   "
+        "# a saved model: checksums, sparsity, the N:M pattern\n\nexit status: 0 ready, 1 a problem found, 2 bad input",
+    )  # fmt: skip
+    parser.add_argument("model", help="HF model id, local directory (a saved pruned model too) or .gguf file")
+    parser.add_argument("--cache_dir", default="llm_weights", help="Hugging Face cache directory")
+    parser.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
+                        help="weights dtype to load")  # fmt: skip
+    parser.add_argument("--prompt", default="The capital of France is", help="text to continue in the generation test")
+    parser.add_argument("--max_new_tokens", type=int, default=16, help="tokens to generate")
+    add_dashed_aliases(parser)
     args = parser.parse_args(argv)
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")

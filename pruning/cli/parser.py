@@ -69,12 +69,36 @@ def package_version() -> tuple[str, str]:
     return version, sha
 
 
+EXAMPLES = """examples:
+  wanda-prune --model facebook/opt-125m --prune_method wanda --sparsity_ratio 0.5 --save out/
+  wanda-prune --model meta-llama/Llama-2-7b-hf --prune_method sparsegpt --sparsity_ratio 0.5 --sparsity_type 2:4 \\
+      --save_model pruned/llama-2-7b-24 --save_format sparse24
+  wanda-prune --model meta-llama/Llama-2-7b-hf --prune_method alps --sparsity_ratio 0.7 --save out/
+  wanda-prune --config pruned/llama-2-7b-24/pruning_config.json --save_model pruned/again   # replay a run
+
+subcommands: wanda-prune check MODEL | report DIR | demo (each with --help); wanda-prune --version
+Every underscore flag also has a dashed spelling (--sparsity-ratio = --sparsity_ratio)."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description and examples as written; each flag's default appended where it has a real one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default == argparse.SUPPRESS
+        if unset or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: {default})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="wanda-prune",
-        description="Prune a Hugging Face causal LM with Wanda, SparseGPT or magnitude (locuslab/wanda's flags).",
-        epilog="Subcommands: 'wanda-prune check MODEL', 'wanda-prune report DIR' and 'wanda-prune demo'; "
-        "'wanda-prune --version'.",
+        description="Prune a Hugging Face causal LM with Wanda, SparseGPT, magnitude, RIA, ALPS or ADMM, with "
+        "locuslab/wanda's flags.",
+        epilog=EXAMPLES,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("-V", "--version", action=_PrintVersion, help="this package's version and git commit")
     p.add_argument(
@@ -82,56 +106,76 @@ def build_parser() -> argparse.ArgumentParser:
         help="flags from a JSON or YAML file (a saved model's pruning_config.json replays its run); flags on the "
         "command line override it",
     )  # fmt: skip
-    # locuslab/wanda main.py / main_opt.py flags, same meanings and defaults
-    p.add_argument("--model", required=True, help="HF model id or local directory")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling the calibration data")
-    p.add_argument("--nsamples", type=int, default=128, help="number of calibration samples")
-    p.add_argument("--sparsity_ratio", type=float, default=0.0, help="fraction of weights to prune")
-    p.add_argument(
+    wanda = p.add_argument_group("locuslab/wanda's flags (same meanings and defaults)")
+    wanda.add_argument("--model", required=True, help="HF model id, local directory or .gguf file")
+    wanda.add_argument("--prune_method", choices=METHODS, required=True)
+    wanda.add_argument("--sparsity_ratio", type=float, default=0.0, help="fraction of weights to prune")
+    wanda.add_argument(
         "--sparsity_type",
         default="unstructured",
         help="unstructured, N:M such as 2:4 or 4:8, or the tile types three_tier and hybrid_2_4 (Jiajun-Ji/wanda)",
     )
-    p.add_argument("--prune_method", choices=METHODS, required=True)
-    p.add_argument("--cache_dir", default="llm_weights", help="Hugging Face cache directory")
-    p.add_argument("--use_variant", action="store_true", help="Wanda's per-row cumulative-alpha variant")
-    p.add_argument("--save", default=None, help="directory for log_{method}.txt and a metrics_*.json per run")
-    p.add_argument("--save_model", default=None, help="directory to save the pruned model and tokenizer")
-    p.add_argument("--eval_zero_shot", action="store_true", help="lm-eval zero-shot tasks (needs .[eval])")
-    # added
-    p.add_argument("--device_map", default=None, help="accelerate device map, e.g. 'auto' for several GPUs")
-    p.add_argument("--offload", action="store_true", help="keep the model in CPU RAM, stream layers to the GPU")
-    p.add_argument("--seqlen", type=int, default=None, help="calibration/eval length (default: model max, <= 4096)")
-    p.add_argument("--calib_dataset", default="c4", help="c4, wikitext2, or a local text file/directory")
-    p.add_argument("--eval_dataset", default="wikitext2", help="wikitext2, c4, a local text file, or 'none'")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="mask kernels: triton (GPU) or torch")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --save_model directory")
-    p.add_argument("--push_to_hub", default=None, metavar="REPO",
-                   help="last, upload the --save_model directory to this Hub repo (user/name)")  # fmt: skip
-    p.add_argument("--log_file", default=None, help="also write the log (every level shown) to this file")
-    verbosity = p.add_mutually_exclusive_group()
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
-    p.add_argument(
+    wanda.add_argument("--nsamples", type=int, default=128, help="number of calibration samples")
+    wanda.add_argument("--seed", type=int, default=0, help="seed for sampling the calibration data")
+    wanda.add_argument("--cache_dir", default="llm_weights", help="Hugging Face cache directory")
+    wanda.add_argument("--use_variant", action="store_true", help="Wanda's per-row cumulative-alpha variant")
+    wanda.add_argument("--save", default=None, help="directory for log_{method}.txt and a metrics_*.json per run")
+    wanda.add_argument("--save_model", default=None, help="directory to save the pruned model and tokenizer")
+    wanda.add_argument("--eval_zero_shot", action="store_true", help="lm-eval zero-shot tasks (needs .[eval])")
+    data = p.add_argument_group("data and evaluation")
+    data.add_argument("--seqlen", type=int, default=None, help="calibration/eval length (default: model max, <= 4096)")
+    data.add_argument("--calib_dataset", default="c4", help="c4, wikitext2, or a local text file/directory")
+    data.add_argument("--eval_dataset", default="wikitext2", help="wikitext2, c4, a local text file, or 'none'")
+    data.add_argument("--eval_dense", action="store_true", help="also measure the dense model's perplexity first")
+    data.add_argument(
+        "--eval_batch_size", type=int, default=1, help="perplexity windows / zero-shot requests per forward"
+    )
+    data.add_argument(
+        "--zero_shot_tasks",
+        default="boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
+        help="comma-separated lm-eval tasks for --eval_zero_shot (default: Wanda's seven)",
+    )
+    data.add_argument("--zero_shot_include_path", default=None, help="directory of extra lm-eval task YAMLs (offline)")
+    hardware = p.add_argument_group("placement and speed")
+    hardware.add_argument("--device_map", default=None, help="accelerate device map, e.g. 'auto' for several GPUs")
+    hardware.add_argument("--offload", action="store_true", help="keep the model in CPU RAM, stream layers to the GPU")
+    hardware.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
+                          help="weights dtype")  # fmt: skip
+    hardware.add_argument("--backend", choices=BACKENDS, default="auto", help="mask kernels: triton (GPU) or torch")
+    hardware.add_argument(
+        "--calib_batch_size", type=int, default=None, help="samples per forward (default: from memory)"
+    )
+    hardware.add_argument(
+        "--true_sequential", action="store_true", help="statistics after earlier sublayers are pruned"
+    )
+    output = p.add_argument_group("output and logging")
+    output.add_argument(
         "--save_format",
         choices=["dense", "sparse24"],
         default="dense",
         help="--save_model format: dense (from_pretrained) or sparse24 (2:4 compressed; pruning.load_sparse)",
     )
-    p.add_argument("--true_sequential", action="store_true", help="statistics after earlier sublayers are pruned")
-    p.add_argument("--calib_batch_size", type=int, default=None, help="samples per forward (default: from memory)")
-    p.add_argument("--eval_batch_size", type=int, default=1, help="perplexity windows / zero-shot requests per forward")
-    p.add_argument("--eval_dense", action="store_true", help="also measure the dense model's perplexity first")
-    p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto")
-    p.add_argument(
-        "--zero_shot_tasks",
-        default="boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
-        help="comma-separated lm-eval tasks for --eval_zero_shot (default: Wanda's seven)",
-    )
-    p.add_argument("--zero_shot_include_path", default=None, help="directory of extra lm-eval task YAMLs (offline)")
-    add_tier_flags(p)
-    add_mask_flags(p)
+    output.add_argument("--overwrite", action="store_true", help="replace an existing --save_model directory")
+    output.add_argument("--push_to_hub", default=None, metavar="REPO",
+                        help="last, upload the --save_model directory to this Hub repo (user/name)")  # fmt: skip
+    output.add_argument("--log_file", default=None, help="also write the log (every level shown) to this file")
+    verbosity = output.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
+    add_tier_flags(p.add_argument_group("tile pruning (Jiajun-Ji/wanda) and layer allocation (OWL)"))
+    add_mask_flags(p.add_argument_group("better masks and weight updates (RIA, DSnoT, permutation, refit, ALPS, ADMM)"))
+    add_dashed_aliases(p)
     return p
+
+
+def add_dashed_aliases(parser: argparse.ArgumentParser) -> None:
+    """``--sparsity-ratio`` for ``--sparsity_ratio``, for every underscore flag (Wanda's spellings stay first)."""
+    for action in list(parser._actions):
+        for option in list(action.option_strings):
+            if option.startswith("--") and "_" in option:
+                dashed = option.replace("_", "-")
+                if dashed not in parser._option_string_actions:  # parsed, not listed: the help stays one name each
+                    parser._option_string_actions[dashed] = action
 
 
 # RIA, DSnoT and channel permutation (their repositories' flag names are accepted as aliases). Defaults are None,

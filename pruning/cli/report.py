@@ -23,10 +23,12 @@ COLUMNS = ("model", "method", "sparsity", "ppl", "ppl_dense", "zero_shot_mean", 
 
 
 def build_report_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from pruning.cli.parser import ArgumentParser
+
+    p = ArgumentParser(
         prog="wanda-prune report",
         description="Tabulate every metrics_*.json in a --save directory (one row per run, oldest first).",
-        epilog="example: wanda-prune report out/ --layers",
+        epilog="examples: wanda-prune report out/ --layers; wanda-prune report sweeps/ -r --csv > runs.csv",
     )
     p.add_argument("directory", help="a --save directory (its metrics_*.json files; subdirectories with -r)")
     p.add_argument("-r", "--recursive", action="store_true", help="also the metrics files of subdirectories")
