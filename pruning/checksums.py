@@ -159,3 +159,12 @@ def verify(directory: Path) -> Verification:
             result.problems.append(f"{path.name} was not part of the checkpoint when it was saved")
     result.seconds = time.perf_counter() - started
     return result
+
+
+def tensor_sha256(ids) -> str | None:
+    """SHA-256 of a token-id tensor's int64 bytes: which calibration or evaluation tokens a run used, exactly."""
+    if ids is None:
+        return None
+    import torch
+
+    return hashlib.sha256(ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()

@@ -22,6 +22,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pruning.allocation import owl_outlier_ratios
+from pruning.checkpoint import LayerCheckpoint
+from pruning.checksums import tensor_sha256
 from pruning.config import PruneConfig
 from pruning.layerwise import LayerInputs, capture_layer_inputs, run_layer, with_smaller_batches_on_oom
 from pruning.methods.owl import owl_layer_sparsities
@@ -73,6 +75,17 @@ class PruneReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def run_fingerprint(model: nn.Module, plan: PrunePlan, calibration_ids) -> dict:
+    """What decides a run's pruned weights, for a checkpoint to be resumed only by the same run."""
+    first = next(model.parameters())
+    return {
+        "prune_config": asdict(plan.config), "backend": plan.backend, "batch_size": plan.batch_size,
+        "nsamples": plan.nsamples, "seqlen": plan.seqlen, "calibration_ids_sha256": tensor_sha256(calibration_ids),
+        "model_class": type(model).__name__, "layers": len(plan.layers), "dtype": str(first.dtype),
+        "torch": torch.__version__, "device": str(plan.device.type),
+    }  # fmt: skip
 
 
 def _collect_and_prune(
@@ -137,6 +150,7 @@ def prune_model(
     sparsity_type: str | None = None,
     *,
     plan: PrunePlan | None = None,
+    checkpoint: LayerCheckpoint | None = None,
     **options,
 ) -> PruneReport:
     """Prune every Linear of every decoder layer of ``model`` in place; return a :class:`PruneReport`.
@@ -145,7 +159,8 @@ def prune_model(
     :class:`pruning.config.PruneConfig`, or its fields: ``prune_model(model, ids, "wanda", 0.5, "2:4",
     calib_batch_size=4)``. ``plan``: the checks of :func:`pruning.plan.plan`, made already for this config.
     The model is pruned where it sits: on a GPU, across GPUs (``device_map``), or in CPU RAM, in which case
-    each decoder layer is streamed to the GPU when there is one.
+    each decoder layer is streamed to the GPU when there is one. ``checkpoint``: write each pruned layer there,
+    and continue after the layers it already holds (:class:`pruning.checkpoint.LayerCheckpoint`).
     """
     config = as_config(config, sparsity_ratio, sparsity_type, options)
     if plan is None:
@@ -169,7 +184,7 @@ def prune_model(
             outliers = owl_outlier_ratios(model, plan, calibration_ids)
             targets = owl_layer_sparsities(outliers, config.owl_mean_sparsity, config.owl_lambda)
             log.info("OWL layer sparsities: %s", ", ".join(f"{t:.4f}" for t in targets))
-        _prune_layers(model, plan, calibration_ids, report, targets, outliers)
+        _prune_layers(model, plan, calibration_ids, report, targets, outliers, checkpoint)
     report.seconds = time.perf_counter() - start
     if not report.layers:  # nothing pruned: measure what the model holds
         report.actual_sparsity = check_sparsity(model, log_layers=False)
@@ -181,10 +196,17 @@ def prune_model(
 
 def _prune_layers(
     model: nn.Module, plan: PrunePlan, calibration_ids, report: PruneReport, targets: list[float] | None = None,
-    outliers: list[float] | None = None,
+    outliers: list[float] | None = None, checkpoint: LayerCheckpoint | None = None,
 ) -> None:  # fmt: skip
     """Prune layer by layer; ``targets``: each layer's sparsity (OWL), else the config's for all."""
     base, adapter, layers, backend = plan.config, plan.adapter, plan.layers, plan.backend
+    done = 0
+    if checkpoint is not None:
+        done = checkpoint.open(run_fingerprint(model, plan, calibration_ids))
+        if done:
+            checkpoint.restore_(layers, done)
+            log.info("resuming: layers 0-%d restored from %s, %d to go", done - 1, checkpoint.directory,
+                     len(layers) - done)  # fmt: skip
     inputs = None
     store = None
     if base.layer_statistics:
@@ -195,6 +217,19 @@ def _prune_layers(
     for index, layer in enumerate(tqdm(layers, desc=f"{base.method} {base.sparsity_type}", unit="layer", disable=None)):
         t0 = time.perf_counter()
         device = compute_device_for(layer)
+        if index < done:  # restored: its outputs recomputed as the original run computed them, in its batches
+            entry = checkpoint.layers[index]
+            if inputs is not None:
+                if entry["max_batch"] < inputs.max_batch:
+                    inputs.limit_batch(entry["max_batch"])
+                with on_device([layer], device):
+                    inputs.hidden = run_layer(layer, inputs, device, store)
+            report.layers.append(LayerReport(**entry["report"]))
+            zeros, total = zeros + entry["zeros"], total + entry["total"]
+            tiers = entry["report"]["tiers"]
+            if tiers is not None:
+                all_tiers = _add_counts(all_tiers, TierCounts(tiers["dense"], tiers["2:4"], tiers["topk"]))
+            continue
         config = base if targets is None else _layer_config(base, targets[index])
         results = []
         with on_device([layer], device):
@@ -233,6 +268,10 @@ def _prune_layers(
             )
         )
         all_tiers = _add_counts(all_tiers, tiers)
+        if checkpoint is not None:
+            record = {"report": asdict(report.layers[-1]), "zeros": layer_zeros, "total": layer_total,
+                      "max_batch": inputs.max_batch if inputs is not None else 0}  # fmt: skip
+            checkpoint.save_layer(index, layer, record)
         error = f", error {sum(errors.values()) / len(errors):.4g}" if errors else ""
         if tiers is not None:
             log.info("layer %d: %.2f s, sparsity %.4f%s, tiles %s", index, seconds, sparsity, error, tiers.to_dict())

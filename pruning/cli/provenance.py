@@ -15,19 +15,12 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
+from pruning.checksums import tensor_sha256
 
 log = logging.getLogger(__name__)
 
 PRUNING_CONFIG = "pruning_config.json"
 CARD = "README.md"
-
-
-def tensor_sha256(ids: torch.Tensor | None) -> str | None:
-    """SHA-256 of a token-id tensor's int64 bytes: which calibration or evaluation tokens a run used, exactly."""
-    if ids is None:
-        return None
-    return hashlib.sha256(ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
 def file_sha256(path: str | None, limit: int = 4 << 30) -> str | None:

@@ -141,8 +141,14 @@ def _run(args: argparse.Namespace, config: PruneConfig, started: float, kept: li
         with _out_of_memory_as_error("evaluating the dense model", "evaluating", streamed):
             metrics["ppl_dense"] = evaluate_ppl(model, eval_ids, args, seqlen)
         log.info("dense perplexity: %s", metrics["ppl_dense"])
+    checkpoint = None
+    if args.resume:
+        from pruning.checkpoint import LayerCheckpoint
+
+        fingerprint = {"model": str(args.model), "model_dtype": args.dtype, "calib_dataset": args.calib_dataset}
+        checkpoint = LayerCheckpoint(Path(args.save).expanduser() / "resume", fingerprint)
     with _out_of_memory_as_error("pruning", "pruning", streamed):
-        report = prune_model(model, calibration_ids, config, plan=checked)
+        report = prune_model(model, calibration_ids, config, plan=checked, checkpoint=checkpoint)
     metrics["prune"] = report.to_dict()
     print("*" * 30)
     sparsity = check_sparsity(model)
@@ -209,6 +215,8 @@ def _run(args: argparse.Namespace, config: PruneConfig, started: float, kept: li
         from pruning.cli.push import push_model
 
         push_model(args.push_to_hub, saved_to)
+    if checkpoint is not None:  # the run is complete: its layer checkpoints are no longer needed
+        checkpoint.remove()
     return metrics
 
 

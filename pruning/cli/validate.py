@@ -126,6 +126,8 @@ def validate_args(args: argparse.Namespace) -> PruneConfig:
             "and --save_model DIR"
         )
     _check_output_paths(args)
+    if args.resume and not args.save:
+        raise ValueError("--resume keeps its layer checkpoints in the --save directory: add --save DIR")
     from pruning.cli.push import check_push_target
 
     check_push_target(args.push_to_hub, args.save_model)
