@@ -25,8 +25,9 @@ setup(
         "gguf",  # --model FILE.gguf (transformers dequantizes it on load)
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "ruff", "hypothesis"],
+        "dev": ["pytest", "pytest-benchmark", "ruff", "hypothesis", "matplotlib"],
         "eval": ["lm-eval>=0.4"],
+        "plot": ["matplotlib"],  # --plot, wanda-prune report --plot
     },
     entry_points={"console_scripts": ["wanda-prune = pruning.cli:main"]},
 )

@@ -22,7 +22,7 @@ def test_report_tabulates_every_run_of_a_directory(tiny_opt, tmp_path, capsys): 
     lines = out.splitlines()
     assert lines[0].startswith("| model | method | sparsity | ppl |")
     rows = lines[2:4]
-    files = sorted(save.glob("metrics_*_2*.json"), key=lambda path: path.stem.rsplit("_", 1)[-1])  # oldest first
+    files = sorted(save.glob("metrics_*_2*.json"), key=lambda path: path.stat().st_mtime_ns)  # oldest first
     assert files[0].name.startswith("metrics_wanda")
     for row, path in zip(rows, files, strict=True):
         metrics = json.loads(path.read_text())
@@ -51,3 +51,25 @@ def test_report_of_nothing_is_one_line(tmp_path, capsys, setup, fragment):
     if setup == "empty":
         target.mkdir()
     assert_one_line_error(capsys, run_main(["report", str(target)]), fragment)
+
+
+def test_plot_draws_each_runs_layers_next_to_its_metrics(tiny_opt, tmp_path, capsys):  # noqa: F811
+    pytest.importorskip("matplotlib")
+    save = tmp_path / "out"
+    assert run_main(prune_argv(tiny_opt, "--save", str(save), "--plot", method="sparsegpt")) == 0
+    (metrics,) = save.glob("metrics_*.json")
+    png = metrics.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    png.unlink()
+    assert run_main(["report", str(save), "--plot"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_or_save_is_one_line_before_any_work(tiny_opt, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import sys
+
+    assert_one_line_error(capsys, run_main([*prune_argv(tiny_opt), "--plot"]), "--plot", "--save")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    argv = [*prune_argv(tiny_opt), "--plot", "--save", str(tmp_path / "s")]
+    assert_one_line_error(capsys, run_main(argv), "matplotlib", "wanda-kernels[plot]")
+    assert not (tmp_path / "s").exists()

@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint each pruned layer in --save DIR/resume and continue a run cut off there (the same flags; "
         "bit for bit the uninterrupted result); removed when the run completes",
     )  # fmt: skip
+    output.add_argument("--plot", action="store_true",
+                        help="a PNG of each layer's sparsity and error next to the metrics file (needs --save, "
+                        "matplotlib)")  # fmt: skip
     output.add_argument("--log_file", default=None, help="also write the log (every level shown) to this file")
     verbosity = output.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -279,7 +282,7 @@ def add_tier_flags(p: argparse.ArgumentParser) -> None:
 
 # Flags a replayed pruning_config.json does not carry over: where this run writes, and how it logs.
 RUN_LOCAL_FLAGS = ("config", "save", "save_model", "overwrite", "log_file", "quiet", "verbose", "push_to_hub",
-                   "resume")  # fmt: skip
+                   "resume", "plot")  # fmt: skip
 
 
 def parse_prune_args(argv: list[str]) -> argparse.Namespace:

@@ -189,6 +189,12 @@ def _run(args: argparse.Namespace, config: PruneConfig, started: float, kept: li
         metrics_file = write_metrics(metrics_file, metrics)
         log.info("wrote %s and %s", save_dir / f"log_{config.method}.txt", metrics_file)
         kept.insert(0, str(metrics_file))
+        if args.plot:
+            from pruning.cli.plot import plot_layers
+
+            png = plot_layers(metrics, metrics_file.with_suffix(".png"))
+            if png is not None:
+                kept.append(str(png))
     if args.eval_zero_shot:
         try:
             metrics["zero_shot"] = evaluate_zero_shot(model, tokenizer, args)

@@ -34,6 +34,7 @@ def build_report_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--recursive", action="store_true", help="also the metrics files of subdirectories")
     p.add_argument("--layers", action="store_true", help="also each run's per-layer sparsity and mean error")
     p.add_argument("--csv", action="store_true", help="CSV on stdout instead of a Markdown table")
+    p.add_argument("--plot", action="store_true", help="a PNG per run next to its metrics file (matplotlib)")
     return p
 
 
@@ -43,7 +44,7 @@ def run_report(argv: list[str]) -> int:
     if not directory.is_dir():
         raise ValueError(f"report: {args.directory!r} is not a directory; give the --save directory of a run")
     found = directory.rglob("metrics_*.json") if args.recursive else directory.glob("metrics_*.json")
-    files = sorted(found, key=lambda path: (path.stem.rsplit("_", 1)[-1], str(path)))  # by the UTC time in the name
+    files = sorted(found, key=_started)
     runs = [(path, metrics) for path in files if (metrics := _read(path)) is not None]
     if not runs:
         raise ValueError(
@@ -52,10 +53,26 @@ def run_report(argv: list[str]) -> int:
         )
     rows = [report_row(path.relative_to(directory), metrics) for path, metrics in runs]
     print(format_csv(rows) if args.csv else format_markdown(rows), end="" if args.csv else "\n")
+    if args.plot:
+        from pruning.cli.plot import check_plotting, plot_layers
+
+        check_plotting()
+        drawn = [png for path, metrics in runs if (png := plot_layers(metrics, path.with_suffix(".png")))]
+        log.info("report: %d plot(s) written next to their metrics files", len(drawn))
     if args.layers and not args.csv:
         for (_path, metrics), row in zip(runs, rows, strict=True):
             print(f"\n{row['file']}: {row['method']}\n" + format_layers(metrics))
     return 0
+
+
+def _started(path: Path) -> tuple:
+    """Oldest first: the UTC time in the name (``metrics_{method}_{type}_{time}.json``), then the file's mtime."""
+    stamp = next((part for part in reversed(path.stem.split("_")) if part.endswith("Z") and "T" in part), "")
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError:
+        mtime = 0
+    return stamp, mtime, str(path)
 
 
 def _read(path: Path) -> dict | None:

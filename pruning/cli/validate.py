@@ -126,6 +126,12 @@ def validate_args(args: argparse.Namespace) -> PruneConfig:
             "and --save_model DIR"
         )
     _check_output_paths(args)
+    if args.plot:
+        if not args.save:
+            raise ValueError("--plot writes its PNG next to the metrics file: add --save DIR")
+        from pruning.cli.plot import check_plotting
+
+        check_plotting()
     if args.resume and not args.save:
         raise ValueError("--resume keeps its layer checkpoints in the --save directory: add --save DIR")
     from pruning.cli.push import check_push_target
