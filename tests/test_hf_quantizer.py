@@ -50,6 +50,19 @@ def test_from_pretrained_gives_the_pruned_model(tmp_path, arch, permute):
     assert torch.equal(got, ours)
 
 
+@pytest.mark.parametrize("device_map", ["cpu", "auto", {"": "cpu"}])
+def test_from_pretrained_places_a_sparse24_model_by_device_map(tmp_path, device_map):
+    """transformers' own placement (here the CPU; accelerate's 'auto' too) with the same logits as load_sparse."""
+    model = _tiny("llama")
+    pruning.prune_model(model, IDS, "wanda", 0.5, "2:4", backend="torch")
+    save_sparse(model, None, tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map=device_map)
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, Sparse24Linear)
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, load_sparse(tmp_path / "m")(IDS).logits)
+
+
 def test_from_pretrained_refuses_corrupt_metadata_by_name(tmp_path):
     model = _tiny("opt")
     pruning.prune_model(model, IDS, "wanda", 0.5, "2:4", backend="torch")
