@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from pruning.cli.summary import method_line, zero_shot_mean
+from pruning.cli.summary import layer_errors, method_line, zero_shot_mean
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ def _read(path: Path) -> dict | None:
 def report_row(path: Path, metrics: dict) -> dict:
     """One run's row (numbers as numbers; None where the run did not measure it)."""
     prune = metrics.get("prune") or {}
-    errors = [e for layer in prune.get("layers", []) for e in (layer.get("errors") or {}).values()]
-    kinds = sorted({layer.get("error_kind") for layer in prune.get("layers", []) if layer.get("errors")} - {None})
+    labelled, kinds = layer_errors(prune.get("layers", []))
+    errors = [value for _, value in labelled]
     return {
         "model": (metrics.get("config") or {}).get("model"),
         "method": method_line(metrics.get("prune_config") or {}),

@@ -43,14 +43,20 @@ def method_line(config: dict) -> str:
     return f"{config.get('method', '?')} {kind}{ratio}" + (f" + {', '.join(extras)}" if extras else "")
 
 
+def layer_errors(layers: list[dict]) -> tuple[list[tuple[str, float]], list[str]]:
+    """(every pruned Linear's relative error, labelled ``layer I NAME``; how they were measured), from the
+    report's per-layer records."""
+    errors = [(f"layer {layer['index']} {name}", value) for layer in layers
+              for name, value in (layer.get("errors") or {}).items()]  # fmt: skip
+    kinds = sorted({layer.get("error_kind") for layer in layers if layer.get("errors")} - {None})
+    return errors, kinds
+
+
 def layer_error_line(layers: list[dict]) -> str:
     """The mean relative reconstruction error over every pruned Linear, how it was measured, and the worst one."""
-    errors = [
-        (f"layer {layer['index']} {name}", value) for layer in layers for name, value in layer.get("errors", {}).items()
-    ]
+    errors, kinds = layer_errors(layers)
     if not errors:
         return ""
-    kinds = sorted({layer.get("error_kind") for layer in layers if layer.get("errors")} - {None})
     how = {
         "hessian": "exact, from X^T X",
         "norms": "diagonal proxy from ||X_j||",

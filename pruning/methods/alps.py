@@ -31,12 +31,12 @@ class AlpsGram:
     gram: torch.Tensor  # [C, C] Gn, unit diagonal
     scale: torch.Tensor  # [C] s
     eigenvalues: torch.Tensor  # float64 [C]
-    eigenvectors: torch.Tensor  # float64 [C, C]
+    eigenvectors: torch.Tensor  # [C, C], from a float64 eigh, stored in the Gram's dtype
 
     def inverse(self, rho: float) -> torch.Tensor:
         """``(Gn + rho I)^-1`` in the Gram's dtype from the float64 eigendecomposition; the product is formed in
         the Gram's dtype (the published code forms it in float64 and rounds; float32 halves its cost)."""
-        q = self.eigenvectors if self.gram.dtype == torch.float64 else self.eigenvectors.to(self.gram.dtype)
+        q = self.eigenvectors
         return q @ ((1.0 / (self.eigenvalues + rho)).to(q.dtype) * q).T
 
 
@@ -53,7 +53,7 @@ def alps_gram(hessian: torch.Tensor, dtype: torch.dtype = torch.float32) -> Alps
     gram = gram / scale
     gram = (gram.T / scale).T
     eigenvalues, eigenvectors = torch.linalg.eigh(gram.double())
-    return AlpsGram(gram, scale, eigenvalues, eigenvectors)
+    return AlpsGram(gram, scale, eigenvalues, eigenvectors.to(dtype))  # cast once, not at every rho
 
 
 @dataclass(frozen=True)
